@@ -1,0 +1,378 @@
+"""From a dense model and binary unit masks to a physically smaller model.
+
+Two layouts:
+
+``"stock"``
+    The same keep ratio for every unit family, so the result is a plain ``UNet2DModel`` with a
+    smaller config (``block_out_channels``, ``norm_num_groups``, ...). It loads everywhere with
+    ``DDPMPipeline.from_pretrained`` and no extra code. The stock config ties the time sinusoid to
+    ``block_out_channels[0]``, so the dense model must first be given a narrower sinusoid with
+    :func:`reembed_time` (once, before pruning starts).
+``"per-layer"``
+    Any number of units kept per family; the widths are stored in the config of
+    :class:`~diffusers_gfprune.modeling_pruned_unet.PrunedUNet2DModel`.
+
+The exported model is built fresh from its config (so every width-dependent attribute, such as
+``Attention.heads`` or ``Downsample2D.channels``, is set by diffusers itself) and then receives the
+sliced weights; only the softmax scale of a single-head attention whose width changed needs a
+correction, folded into ``to_q``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+from functools import reduce
+from typing import Dict, List, Mapping, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from .masks import UnitMasks
+from .units import IN, OUT, UnitSet, _check_unet, export_num_groups
+
+LAYOUTS = ("stock", "per-layer")
+
+
+@dataclass
+class TimeReembedding:
+    """What :func:`reembed_time` changed and how much the time embedding moved."""
+
+    old_num_channels: int
+    new_num_channels: int
+    embedding_relative_error: float  # ||emb' - emb|| / ||emb|| over all training timesteps
+
+
+def reembed_time(model, num_channels: int, num_train_timesteps: int = 1000) -> TimeReembedding:
+    """Give the dense model a sinusoidal time projection of ``num_channels`` features, in place.
+
+    ``time_embedding.linear_1`` is refit by least squares so that, over every training timestep,
+    its output on the new sinusoid is as close as possible to its output on the old one. The
+    relative change of the whole time embedding (after ``linear_2``) is returned.
+
+    Parameters
+    ----------
+    model : UNet2DModel
+        Dense model with ``time_embedding_type="positional"``.
+    num_channels : int
+        The new sinusoid width, ``block_out_channels[0]`` of the stock config to be exported.
+    num_train_timesteps : int
+        Timesteps the refit covers (those of the model's scheduler).
+    """
+    from diffusers.models.embeddings import Timesteps
+
+    _check_unet(model)
+    if model.config.time_embedding_type != "positional":
+        raise ValueError(
+            "The stock layout re-embeds the positional time sinusoid; this model uses "
+            f"time_embedding_type={model.config.time_embedding_type!r}. Use layout='per-layer'."
+        )
+    old_proj = model.time_proj
+    linear_1 = model.time_embedding.linear_1
+    if num_channels == old_proj.num_channels:
+        return TimeReembedding(num_channels, num_channels, 0.0)
+    new_proj = Timesteps(num_channels, old_proj.flip_sin_to_cos, old_proj.downscale_freq_shift, old_proj.scale)
+    t = torch.arange(num_train_timesteps, device=linear_1.weight.device)
+    with torch.no_grad():
+        target = linear_1(old_proj(t).to(linear_1.weight.dtype)).double()
+        before = model.time_embedding(old_proj(t).to(linear_1.weight.dtype)).double()
+        features = new_proj(t).double()
+        design = torch.cat([features, torch.ones_like(features[:, :1])], dim=1)
+        solution = torch.linalg.lstsq(design.cpu(), target.cpu()).solution.to(design.device)
+        new_linear = nn.Linear(num_channels, linear_1.out_features, bias=True)
+        new_linear.to(device=linear_1.weight.device, dtype=linear_1.weight.dtype)
+        new_linear.weight.copy_(solution[:-1].T)
+        new_linear.bias.copy_(solution[-1])
+        model.time_proj = new_proj
+        model.time_embedding.linear_1 = new_linear
+        after = model.time_embedding(new_proj(t).to(linear_1.weight.dtype)).double()
+    error = float((after - before).norm() / before.norm())
+    return TimeReembedding(old_proj.num_channels, num_channels, error)
+
+
+# ---------------------------------------------------------------------- stock arithmetic
+def stock_unit_quantum(units: UnitSet) -> int:
+    """The stock layout keeps ``k / q`` of every family, for an integer k; this returns q."""
+    return reduce(math.gcd, (f.num_units for f in units))
+
+
+def stock_sparsities(units: UnitSet) -> List[float]:
+    """All sparsities in [0, 1) that the stock layout can meet exactly."""
+    q = stock_unit_quantum(units)
+    return [1 - k / q for k in range(q, 0, -1)]
+
+
+def stock_keep_ratio(units: UnitSet, sparsity: float) -> Fraction:
+    """Keep ratio of the stock layout for ``sparsity``; a clear error if it cannot be met."""
+    check_sparsity(sparsity)
+    q = stock_unit_quantum(units)
+    keep = Fraction(1 - sparsity).limit_denominator(10**6)
+    if (keep * q).denominator != 1:
+        achievable = stock_sparsities(units)
+        near = sorted(achievable, key=lambda s: abs(s - sparsity))[:3]
+        raise ValueError(
+            f"The stock layout cannot prune {sparsity:.4g} of the units: it keeps the same fraction of "
+            f"every unit family, and the families of this model split into multiples of 1/{q} "
+            f"(GroupNorm groups and attention heads). Nearest achievable sparsities: "
+            f"{', '.join(f'{s:.4g}' for s in sorted(near))}; or use layout='per-layer', which takes any sparsity."
+        )
+    return keep
+
+
+def stock_block_out_channels(model, keep: Fraction) -> List[int]:
+    return [int(c * keep) for c in model.config.block_out_channels]
+
+
+def check_sparsity(sparsity: float) -> None:
+    if not isinstance(sparsity, (int, float)) or not (0 <= sparsity < 1):
+        raise ValueError(
+            f"Sparsity must be a number in [0, 1) (the fraction of units to remove), got {sparsity!r}."
+        )
+
+
+def prepare_stock(model, units: UnitSet, sparsity: float, num_train_timesteps: int = 1000) -> TimeReembedding:
+    """Check that the stock layout can meet ``sparsity`` and re-embed the time sinusoid for it.
+
+    Call once, on the dense model, before pruning starts; everything after it is exact.
+    """
+    keep = stock_keep_ratio(units, sparsity)
+    width = stock_block_out_channels(model, keep)[0]
+    return reembed_time(model, width, num_train_timesteps)
+
+
+# ---------------------------------------------------------------------- export
+def _binary_masks(masks: Union[UnitMasks, Mapping[str, torch.Tensor]], units: UnitSet) -> Dict[str, torch.Tensor]:
+    state = masks.state_dict() if isinstance(masks, UnitMasks) else dict(masks)
+    if set(state) != set(units.names):
+        missing = sorted(set(units.names) - set(state))[:5]
+        unexpected = sorted(set(state) - set(units.names))[:5]
+        raise ValueError(
+            f"The masks do not match the units of this model (missing: {missing}, unexpected: {unexpected}). "
+            "Build masks with UnitMasks(model, find_units(model)) on the same architecture."
+        )
+    out = {}
+    for family in units:
+        value = torch.as_tensor(state[family.name]).detach().cpu()
+        if value.shape != (family.num_units,):
+            raise ValueError(
+                f"Masks of family {family.name!r} have shape {tuple(value.shape)}, expected ({family.num_units},)."
+            )
+        if not bool(((value == 0) | (value == 1)).all()):
+            raise ValueError(
+                f"Masks of family {family.name!r} are not binary; export needs the final 0/1 masks "
+                "(finish the pruning stage first)."
+            )
+        if int(value.sum()) == 0:
+            raise ValueError(f"Family {family.name!r} would lose every unit; keep at least one.")
+        out[family.name] = value.bool()
+    return out
+
+
+def _removed_indices(units: UnitSet, keep: Dict[str, torch.Tensor]) -> Dict[Tuple[str, str], torch.Tensor]:
+    removed: Dict[Tuple[str, str], List[torch.Tensor]] = {}
+    for family in units:
+        channel_kept = keep[family.name][family.channel_to_unit()]
+        for s in family.slices:
+            gone = s.layer_index[~channel_kept[s.family_index]]
+            removed.setdefault((s.module, s.dim), []).append(gone)
+    return {k: torch.unique(torch.cat(v)) for k, v in removed.items()}
+
+
+def _kept(size: int, removed: Optional[torch.Tensor]) -> torch.Tensor:
+    keep = torch.ones(size, dtype=torch.bool)
+    if removed is not None and removed.numel():
+        keep[removed] = False
+    return keep.nonzero().squeeze(1)
+
+
+def export_model(model, units: UnitSet, masks, layout: str = "stock"):
+    """Build the physically smaller model that computes what ``model`` computes under ``masks``.
+
+    Parameters
+    ----------
+    model : UNet2DModel
+        The dense model (for ``"stock"``, after :func:`prepare_stock`). Not modified.
+    units : UnitSet
+        Its units.
+    masks : UnitMasks or dict
+        Binary mask values, one tensor per family.
+    layout : {"stock", "per-layer"}
+
+    Returns
+    -------
+    UNet2DModel or PrunedUNet2DModel
+    """
+    from diffusers import UNet2DModel
+    from diffusers.models.attention_processor import Attention
+
+    _check_unet(model)
+    if layout not in LAYOUTS:
+        raise ValueError(f"Unknown layout {layout!r}; choose one of {LAYOUTS}.")
+    keep = _binary_masks(masks, units)
+    removed = _removed_indices(units, keep)
+    modules = dict(model.named_modules())
+
+    kept_index: Dict[Tuple[str, str], torch.Tensor] = {}
+    for (name, dim), gone in removed.items():
+        size = _size(modules[name], dim)
+        kept_index[(name, dim)] = _kept(size, gone)
+
+    state = {}
+    for key, tensor in model.state_dict().items():
+        module_name, _, param = key.rpartition(".")
+        out_keep = kept_index.get((module_name, OUT))
+        in_keep = kept_index.get((module_name, IN))
+        if out_keep is not None and tensor.dim() >= 1:
+            tensor = tensor.index_select(0, out_keep.to(tensor.device))
+        if in_keep is not None and param == "weight" and tensor.dim() >= 2:
+            tensor = tensor.index_select(1, in_keep.to(tensor.device))
+        state[key] = tensor.clone()
+
+    widths: Dict[str, Dict[str, int]] = {}
+    for name, module in modules.items():
+        if isinstance(module, Attention):
+            heads, dim_head = _attention_shape(module, kept_index.get((f"{name}.to_q", OUT)))
+            old_dim_head = module.inner_dim // module.heads
+            if dim_head != old_dim_head and module.scale_qk:
+                # logits = q.k / sqrt(d): keep them identical under the new head width.
+                factor = math.sqrt(dim_head / old_dim_head)
+                state[f"{name}.to_q.weight"] = state[f"{name}.to_q.weight"] * factor
+                if f"{name}.to_q.bias" in state:
+                    state[f"{name}.to_q.bias"] = state[f"{name}.to_q.bias"] * factor
+            if heads * dim_head != module.inner_dim:
+                widths[name] = {"heads": heads, "dim_head": dim_head}
+    widths.update(_layer_widths(modules, kept_index, units))
+
+    if layout == "stock":
+        pruned = _stock_model(model, units, keep, state)
+    else:
+        from .modeling_pruned_unet import PrunedUNet2DModel
+
+        config = {k: v for k, v in model.config.items() if not k.startswith("_")}
+        config.pop("pruned_widths", None)
+        if model.time_proj.num_channels != model.config.block_out_channels[0]:
+            widths["time_proj"] = {"num_channels": model.time_proj.num_channels}
+            linear_1 = model.time_embedding.linear_1
+            entry = widths.setdefault("time_embedding.linear_1", {})
+            entry.setdefault("in_features", linear_1.in_features)
+            entry.setdefault("out_features", linear_1.out_features)
+        pruned = PrunedUNet2DModel(**config, pruned_widths=widths)
+        _load_exact(pruned, state, layout)
+    param = next(model.parameters())
+    pruned.to(param.device)
+    if param.dtype != torch.float32:
+        pruned.to(param.dtype)
+    return pruned.train(model.training)
+
+
+def _size(module: nn.Module, dim: str) -> int:
+    if isinstance(module, nn.Conv2d):
+        return module.out_channels if dim == OUT else module.in_channels
+    if isinstance(module, nn.Linear):
+        return module.out_features if dim == OUT else module.in_features
+    return module.num_channels
+
+
+def _attention_shape(module, q_keep: Optional[torch.Tensor]) -> Tuple[int, int]:
+    inner = module.inner_dim if q_keep is None else int(q_keep.numel())
+    if module.heads == 1:
+        return 1, inner
+    dim_head = module.inner_dim // module.heads
+    return inner // dim_head, dim_head
+
+
+def _layer_widths(modules, kept_index, units: UnitSet) -> Dict[str, Dict[str, int]]:
+    """New sizes of every layer whose width changed, in PrunedUNet2DModel's config format."""
+    from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+
+    def kept(name, dim, default):
+        index = kept_index.get((name, dim))
+        return default if index is None else int(index.numel())
+
+    widths: Dict[str, Dict[str, int]] = {}
+    for name, module in modules.items():
+        if isinstance(module, nn.Conv2d):
+            new = {"in_channels": kept(name, IN, module.in_channels), "out_channels": kept(name, OUT, module.out_channels)}
+            old = {"in_channels": module.in_channels, "out_channels": module.out_channels}
+        elif isinstance(module, nn.Linear):
+            new = {"in_features": kept(name, IN, module.in_features), "out_features": kept(name, OUT, module.out_features)}
+            old = {"in_features": module.in_features, "out_features": module.out_features}
+        elif isinstance(module, nn.GroupNorm):
+            channels = kept(name, OUT, module.num_channels)
+            new = {"num_groups": export_num_groups(channels, module.num_groups, module.num_channels), "num_channels": channels}
+            old = {"num_groups": module.num_groups, "num_channels": module.num_channels}
+        elif isinstance(module, ResnetBlock2D):
+            new = {"in_channels": kept(f"{name}.conv1", IN, module.in_channels), "out_channels": kept(f"{name}.conv2", OUT, module.out_channels)}
+            old = {"in_channels": module.in_channels, "out_channels": module.out_channels}
+        elif isinstance(module, (Downsample2D, Upsample2D)) and module.conv is not None:
+            conv = module.conv
+            new = {"channels": kept(_conv_name(name, module), IN, conv.in_channels)}
+            old = {"channels": module.channels}
+        else:
+            continue
+        if new != old:
+            widths[name] = new
+    return widths
+
+
+def _conv_name(name: str, module) -> str:
+    for child_name, child in module.named_children():
+        if child is module.conv:
+            return f"{name}.{child_name}"
+    raise RuntimeError(f"{name} has no conv child")
+
+
+def _stock_model(model, units: UnitSet, keep: Dict[str, torch.Tensor], state):
+    from diffusers import UNet2DModel
+
+    ratios = {name: Fraction(int(k.sum()), k.numel()) for name, k in keep.items()}
+    distinct = sorted(set(ratios.values()))
+    if len(distinct) != 1:
+        lo = min(ratios, key=ratios.get)
+        hi = max(ratios, key=ratios.get)
+        raise ValueError(
+            "The stock layout needs the same keep ratio in every unit family, but the masks keep "
+            f"{float(ratios[lo]):.3f} of {lo!r} and {float(ratios[hi]):.3f} of {hi!r}. Select units per "
+            "family (local selection), or export with layout='per-layer'."
+        )
+    ratio = distinct[0]
+    config = {k: v for k, v in model.config.items() if not k.startswith("_")}
+    channels = [c * ratio for c in config["block_out_channels"]]
+    groups = config["norm_num_groups"] * ratio
+    bad = [x for x in channels + [groups] if x.denominator != 1]
+    if bad:
+        raise ValueError(
+            f"A keep ratio of {ratio} gives non-integer widths {[str(c) for c in channels]} / "
+            f"{groups} groups; choose a sparsity from stock_sparsities(units)."
+        )
+    config["block_out_channels"] = [int(c) for c in channels]
+    config["norm_num_groups"] = int(groups)
+    if config.get("attn_norm_num_groups") is not None:
+        attn_groups = config["attn_norm_num_groups"] * ratio
+        if attn_groups.denominator != 1:
+            raise ValueError(f"attn_norm_num_groups x {ratio} is not an integer; choose another sparsity.")
+        config["attn_norm_num_groups"] = int(attn_groups)
+    if config.get("time_embedding_dim") is not None:
+        config["time_embedding_dim"] = int(config["time_embedding_dim"] * ratio)
+    if model.time_proj.num_channels != config["block_out_channels"][0]:
+        raise ValueError(
+            f"The stock layout ties the time sinusoid to block_out_channels[0] = {config['block_out_channels'][0]}, "
+            f"but the model's sinusoid has {model.time_proj.num_channels} features. Call "
+            "prepare_stock(model, units, sparsity) (or reembed_time) on the dense model before pruning."
+        )
+    pruned = UNet2DModel(**config)
+    _load_exact(pruned, state, "stock")
+    return pruned
+
+
+def _load_exact(pruned: nn.Module, state, layout: str) -> None:
+    expected = pruned.state_dict()
+    for key, tensor in expected.items():
+        if key not in state or state[key].shape != tensor.shape:
+            got = tuple(state[key].shape) if key in state else "missing"
+            raise ValueError(
+                f"The {layout} layout cannot hold these masks: {key} must have shape {tuple(tensor.shape)} "
+                f"but the pruned weights have {got}."
+            )
+    pruned.load_state_dict(state, strict=True)
