@@ -1,0 +1,95 @@
+"""The DDPM training objective, as a loss on a fixed draw of noise and timesteps.
+
+Criteria need the *same* loss several times (finite differences evaluate it at two points, the
+distributed check splits one global batch across processes), so a :class:`DDPMLoss` draws its noise
+and timesteps once, when it is made, and can be called again and again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+
+
+@dataclass
+class DDPMLoss:
+    """``|| target - model(x_t, t) ||^2`` for one fixed mini-batch, noise and timesteps.
+
+    Parameters
+    ----------
+    images : torch.Tensor
+        Clean images ``x_0`` in [-1, 1], shape (batch, channels, height, width).
+    noise : torch.Tensor
+        The noise ``epsilon``, same shape.
+    timesteps : torch.Tensor
+        One integer timestep per image.
+    scheduler : DDPMScheduler
+        Gives ``alphas_cumprod`` (through ``add_noise`` and ``get_velocity``).
+    prediction_type : str
+        ``"epsilon"``, ``"sample"`` or ``"v_prediction"``.
+    """
+
+    images: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    scheduler: object
+    prediction_type: str = "epsilon"
+
+    def __post_init__(self):
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"Unknown prediction_type {self.prediction_type!r}; choose one of {PREDICTION_TYPES}.")
+
+    def __call__(self, model) -> torch.Tensor:
+        noisy = self.scheduler.add_noise(self.images, self.noise, self.timesteps)
+        output = model(noisy, self.timesteps).sample
+        if self.prediction_type == "epsilon":
+            target = self.noise
+        elif self.prediction_type == "sample":
+            target = self.images
+        else:
+            target = self.scheduler.get_velocity(self.images, self.noise, self.timesteps)
+        return F.mse_loss(output.float(), target.float())
+
+    def split(self, parts: int, index: int) -> "DDPMLoss":
+        """The ``index``-th of ``parts`` equal slices of the batch (for data-parallel scoring)."""
+        size = self.images.shape[0]
+        if size % parts:
+            raise ValueError(f"A batch of {size} cannot be split into {parts} equal parts.")
+        step = size // parts
+        sl = slice(index * step, (index + 1) * step)
+        return DDPMLoss(self.images[sl], self.noise[sl], self.timesteps[sl], self.scheduler, self.prediction_type)
+
+
+def sample_timesteps(
+    batch_size: int,
+    num_train_timesteps: int,
+    generator: Optional[torch.Generator] = None,
+    low: int = 0,
+    high: Optional[int] = None,
+    device=None,
+) -> torch.Tensor:
+    """Uniform integer timesteps in ``[low, high)`` (default: all training timesteps)."""
+    high = num_train_timesteps if high is None else high
+    if not 0 <= low < high <= num_train_timesteps:
+        raise ValueError(f"Timestep range [{low}, {high}) must lie inside [0, {num_train_timesteps}).")
+    return torch.randint(low, high, (batch_size,), generator=generator, device="cpu").to(device or "cpu")
+
+
+def make_loss(
+    images: torch.Tensor,
+    scheduler,
+    generator: Optional[torch.Generator] = None,
+    prediction_type: Optional[str] = None,
+    timestep_range=(0, None),
+) -> DDPMLoss:
+    """A :class:`DDPMLoss` with fresh noise and uniform timesteps drawn from ``generator``."""
+    num = scheduler.config.num_train_timesteps
+    prediction_type = prediction_type or scheduler.config.prediction_type
+    noise = torch.randn(images.shape, generator=generator, device="cpu").to(images.device, images.dtype)
+    timesteps = sample_timesteps(images.shape[0], num, generator, timestep_range[0], timestep_range[1], images.device)
+    return DDPMLoss(images, noise, timesteps, scheduler, prediction_type)

@@ -1,0 +1,282 @@
+"""The gradient-flow pruning process, driven once per training step.
+
+Steps ``t = 0 .. T``. With the soft phase ending at ``N`` and the pruning stage at ``M``:
+
+* soft phase (``t <= N``): every ``K`` steps the criterion re-scores the units; the ``s_t`` fraction
+  with the lowest (smoothed) scores is *selected* and multiplied by ``p_t``; the others are at 1.
+  The selection leads the sparsity schedule by one interval, so that the last re-scoring (at the
+  latest ``N - K``) already selects the target sparsity and no unit is newly selected when ``p_t``
+  is near 0: mask values never jump from 1 to 0 in one step.
+* hard phase (``N < t <= M``): binary masks at the target sparsity; re-scoring continues and a unit
+  pruned earlier comes back when its score rises (its weights were only masked).
+* at ``M``: :meth:`GradientFlowPruner.final_masks` are binary, ready for export.
+
+Units that are masked to 0 give no gradient signal, so in the hard phase they are scored in a
+second pass with their masks at 1 ("probe", ``reactivation=True``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from . import schedules
+from .criteria import Criterion, get_criterion
+from .masks import UnitMasks
+from .selection import SELECTIONS, prune_counts_local, select
+from .units import UnitSet
+
+PHASES = ("soft", "hard", "done")
+
+
+@dataclass
+class PrunerConfig:
+    """How the pruning process runs. Step counts are in optimizer steps."""
+
+    target_sparsity: float = field(default=0.5, metadata={"help": "Fraction of units removed at the end, in [0, 1)."})
+    soft_steps: int = field(default=100, metadata={"help": "N: length of the progressive soft phase (paper: 0.1 T)."})
+    pruning_steps: int = field(default=200, metadata={"help": "M: end of the pruning stage, > N (paper: 0.2 T); export happens here."})
+    rescore_every: int = field(default=20, metadata={"help": "K: re-score the units every K steps."})
+    sparsity_schedule: str = field(default="linear", metadata={"help": "Shape of s_t: linear, cosine or exponential."})
+    mask_schedule: str = field(default="linear", metadata={"help": "Shape of p_t: linear, cosine or exponential."})
+    schedule_sharpness: float = field(default=5.0, metadata={"help": "Steepness of the exponential schedules."})
+    selection: str = field(default="local", metadata={"help": "'local': same fraction per family (stock layout); 'global': one ranking (per-layer layout)."})
+    min_keep_fraction: float = field(default=0.1, metadata={"help": "Global selection: every family keeps at least this fraction (and one unit)."})
+    score_ema: float = field(default=0.5, metadata={"help": "Smoothing of scores between re-scorings: s <- ema * s + (1 - ema) * new; 0 = no smoothing."})
+    reactivation: bool = field(default=True, metadata={"help": "Hard phase: score pruned units with their masks at 1 so they can come back."})
+
+    def __post_init__(self):
+        if not isinstance(self.target_sparsity, (int, float)) or not 0 <= self.target_sparsity < 1:
+            raise ValueError(f"target_sparsity must lie in [0, 1), got {self.target_sparsity!r}.")
+        if not 0 < self.soft_steps < self.pruning_steps:
+            raise ValueError(
+                f"Need 0 < soft_steps < pruning_steps, got soft_steps={self.soft_steps}, pruning_steps={self.pruning_steps}."
+            )
+        if not 1 <= self.rescore_every <= self.soft_steps:
+            raise ValueError(f"rescore_every must lie in [1, soft_steps={self.soft_steps}], got {self.rescore_every}.")
+        for kind in (self.sparsity_schedule, self.mask_schedule):
+            if kind not in schedules.SCHEDULES:
+                raise ValueError(f"Unknown schedule {kind!r}; choose one of {schedules.SCHEDULES}.")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"Unknown selection {self.selection!r}; choose one of {SELECTIONS}.")
+        if not 0 <= self.score_ema < 1:
+            raise ValueError("score_ema must lie in [0, 1).")
+
+    @classmethod
+    def from_total_steps(cls, max_train_steps: int, soft_fraction: float = 0.1, pruning_fraction: float = 0.2, **kwargs):
+        """The paper's ratios: N = 0.1 T, M = 0.2 T, and K = N / 10 unless given."""
+        soft = max(1, int(round(soft_fraction * max_train_steps)))
+        pruning = max(soft + 1, int(round(pruning_fraction * max_train_steps)))
+        kwargs.setdefault("rescore_every", max(1, soft // 10))
+        return cls(soft_steps=soft, pruning_steps=pruning, **kwargs)
+
+
+class GradientFlowPruner:
+    """Drives the unit masks of a dense model through the soft and hard phases.
+
+    Parameters
+    ----------
+    model : UNet2DModel
+        The dense model, unwrapped (criteria differentiate it directly, never through DDP).
+    units : UnitSet
+    config : PrunerConfig
+    criterion : Criterion or str
+        A criterion object or its name.
+    masks : UnitMasks, optional
+        Created and attached if not given.
+
+    Call :meth:`step` once per optimizer step with a callable that returns the criterion's
+    mini-batch losses (only called when a re-scoring happens).
+    """
+
+    def __init__(self, model, units: UnitSet, config: PrunerConfig, criterion="gradient_flow", masks: Optional[UnitMasks] = None):
+        self.model = model
+        self.units = units
+        self.config = config
+        self.criterion: Criterion = get_criterion(criterion) if isinstance(criterion, str) else criterion
+        self.masks = masks if masks is not None else UnitMasks(model, units)
+        self.masks.attach()
+        self.scores: Optional[Dict[str, torch.Tensor]] = None
+        self.pruned: Dict[str, torch.Tensor] = {f.name: torch.zeros(f.num_units, dtype=torch.bool) for f in units}
+        self.step_count = 0
+        self.num_rescorings = 0
+        self.history: List[dict] = []
+
+    # ------------------------------------------------------------------ phases
+    def phase(self, step: Optional[int] = None) -> str:
+        step = self.step_count if step is None else step
+        if step <= self.config.soft_steps:
+            return "soft"
+        if step <= self.config.pruning_steps:
+            return "hard"
+        return "done"
+
+    def last_soft_rescoring(self) -> int:
+        n, k = self.config.soft_steps, self.config.rescore_every
+        return ((n - 1) // k) * k
+
+    def sparsity_at(self, step: int) -> float:
+        """Target sparsity of the selection made at ``step``."""
+        c = self.config
+        if self.phase(step) != "soft":
+            return c.target_sparsity
+        # Lead by one interval: the last soft re-scoring selects the full target.
+        x = min(1.0, (step + c.rescore_every) / (self.last_soft_rescoring() + c.rescore_every))
+        return schedules.sparsity(x, c.target_sparsity, c.sparsity_schedule, c.schedule_sharpness)
+
+    def mask_value_at(self, step: int) -> float:
+        c = self.config
+        if self.phase(step) != "soft":
+            return 0.0
+        return schedules.mask_value(step / c.soft_steps, c.mask_schedule, c.schedule_sharpness)
+
+    def is_rescoring_step(self, step: int) -> bool:
+        c = self.config
+        phase = self.phase(step)
+        if phase == "soft":
+            return step % c.rescore_every == 0 and step <= self.last_soft_rescoring()
+        if phase == "hard":
+            return step % c.rescore_every == 0 or step == c.soft_steps + 1
+        return False
+
+    # ------------------------------------------------------------------ the step
+    def step(self, step: int, losses: Optional[Callable[[], Sequence]] = None) -> dict:
+        """Advance to ``step``: re-score if due, select, and write the mask values.
+
+        Parameters
+        ----------
+        step : int
+            The current optimizer step, counted from 0 at the start of pruning.
+        losses : callable, optional
+            Returns a list of :class:`~diffusers_gfprune.objective.DDPMLoss` for the criterion;
+            needed by data-driven criteria on re-scoring steps.
+
+        Returns
+        -------
+        dict
+            ``phase``, ``sparsity`` (fraction of units currently selected), ``mask_value``,
+            ``rescored``.
+        """
+        self.step_count = step
+        phase = self.phase(step)
+        rescored = False
+        if phase != "done" and self.is_rescoring_step(step):
+            self._rescore(losses, phase)
+            self.pruned = select(
+                self.scores, self.units, self.sparsity_at(step), self.config.selection, self.config.min_keep_fraction
+            )
+            rescored = True
+        if phase != "done":
+            self._write_masks(self.mask_value_at(step))
+        info = {
+            "step": step,
+            "phase": phase,
+            "sparsity": self.current_sparsity(),
+            "mask_value": self.mask_value_at(step) if phase == "soft" else 0.0,
+            "rescored": rescored,
+        }
+        if rescored:
+            self.history.append({k: info[k] for k in ("step", "phase", "sparsity")})
+        return info
+
+    def _rescore(self, losses, phase: str) -> None:
+        data = losses() if (losses is not None and self.criterion.needs_data) else []
+        if self.criterion.needs_data and not data:
+            raise ValueError(f"The {self.criterion.name} criterion needs loss mini-batches at step {self.step_count}.")
+        fresh = self.criterion.score(self.model, self.units, data)
+        if phase == "hard" and self.config.reactivation and any(bool(p.any()) for p in self.pruned.values()):
+            # Pruned units have zero gradient; score them as if they were back.
+            saved = self.masks.values.detach().clone()
+            with torch.no_grad():
+                self.masks.values.fill_(1.0)
+            try:
+                probe = self.criterion.score(self.model, self.units, data)
+            finally:
+                with torch.no_grad():
+                    self.masks.values.copy_(saved)
+            fresh = {k: torch.where(self.pruned[k], probe[k], fresh[k]) for k in fresh}
+        ema = self.config.score_ema
+        if self.scores is None or ema == 0:
+            self.scores = {k: v.clone() for k, v in fresh.items()}
+        else:
+            self.scores = {k: ema * self.scores[k] + (1 - ema) * fresh[k] for k in fresh}
+        self.num_rescorings += 1
+
+    def _write_masks(self, value: float) -> None:
+        for family in self.units:
+            values = torch.ones(family.num_units)
+            values[self.pruned[family.name]] = value
+            self.masks.set_family(family.name, values)
+
+    # ------------------------------------------------------------------ results
+    def current_sparsity(self) -> float:
+        total = sum(int(p.sum()) for p in self.pruned.values())
+        return total / self.units.num_units
+
+    def final_masks(self) -> Dict[str, torch.Tensor]:
+        """Binary masks (1 = keep) at the target sparsity, for export."""
+        if self.scores is None:
+            raise RuntimeError("The pruner has not scored the units yet; run the pruning stage first.")
+        return {k: (~v).float() for k, v in self.pruned.items()}
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> Dict[str, object]:
+        """Tensors (masks, scores, selection) and a JSON-able part (step, config, history)."""
+        tensors = {}
+        for name, value in self.masks.state_dict().items():
+            tensors[f"mask/{name}"] = value
+        for name, value in self.pruned.items():
+            tensors[f"pruned/{name}"] = value.to(torch.uint8)
+        if self.scores is not None:
+            for name, value in self.scores.items():
+                tensors[f"score/{name}"] = value.double()
+        meta = {
+            "step": self.step_count,
+            "num_rescorings": self.num_rescorings,
+            "criterion": self.criterion.name,
+            "criterion_config": asdict(self.criterion.config),
+            "config": asdict(self.config),
+            "history": self.history,
+        }
+        return {"tensors": tensors, "meta": meta}
+
+    def load_state_dict(self, state: Dict[str, object]) -> None:
+        tensors, meta = state["tensors"], state["meta"]
+        if meta["config"] != asdict(self.config) or meta["criterion"] != self.criterion.name:
+            raise ValueError(
+                "The saved pruner state was made with another configuration "
+                f"({meta['criterion']}, {meta['config']}); resume with the same pruning arguments."
+            )
+        self.masks.load_state_dict({n: tensors[f"mask/{n}"] for n in self.units.names})
+        self.pruned = {n: tensors[f"pruned/{n}"].bool() for n in self.units.names}
+        if f"score/{self.units.names[0]}" in tensors:
+            self.scores = {n: tensors[f"score/{n}"].double() for n in self.units.names}
+        self.step_count = int(meta["step"])
+        self.num_rescorings = int(meta["num_rescorings"])
+        self.history = list(meta["history"])
+
+    def save(self, directory: str) -> None:
+        """Write ``pruner.safetensors`` and ``pruner.json`` into ``directory``."""
+        import os
+
+        from safetensors.torch import save_file
+
+        state = self.state_dict()
+        os.makedirs(directory, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in state["tensors"].items()}, os.path.join(directory, "pruner.safetensors"))
+        with open(os.path.join(directory, "pruner.json"), "w") as f:
+            json.dump(state["meta"], f, indent=2)
+
+    def load(self, directory: str) -> None:
+        import os
+
+        from safetensors.torch import load_file
+
+        tensors = load_file(os.path.join(directory, "pruner.safetensors"))
+        with open(os.path.join(directory, "pruner.json")) as f:
+            meta = json.load(f)
+        self.load_state_dict({"tensors": tensors, "meta": meta})
