@@ -44,12 +44,16 @@ class TimeReembedding:
     embedding_relative_error: float  # ||emb' - emb|| / ||emb|| over all training timesteps
 
 
-def reembed_time(model, num_channels: int, num_train_timesteps: int = 1000) -> TimeReembedding:
+def reembed_time(
+    model, num_channels: int, num_train_timesteps: int = 1000, refine_steps: int = 500, learning_rate: float = 1e-3
+) -> TimeReembedding:
     """Give the dense model a sinusoidal time projection of ``num_channels`` features, in place.
 
     ``time_embedding.linear_1`` is refit by least squares so that, over every training timestep,
-    its output on the new sinusoid is as close as possible to its output on the old one. The
-    relative change of the whole time embedding (after ``linear_2``) is returned.
+    its output on the new sinusoid is as close as possible to its output on the old one; then both
+    linear layers of the time embedding are refined (full-batch Adam over all timesteps) to match the
+    old embedding after ``linear_2``, which is what every ResNet block sees. The relative change of
+    that embedding is returned.
 
     Parameters
     ----------
@@ -59,6 +63,10 @@ def reembed_time(model, num_channels: int, num_train_timesteps: int = 1000) -> T
         The new sinusoid width, ``block_out_channels[0]`` of the stock config to be exported.
     num_train_timesteps : int
         Timesteps the refit covers (those of the model's scheduler).
+    refine_steps : int
+        Adam steps of the refinement (0: least squares only).
+    learning_rate : float
+        Adam learning rate of the refinement.
     """
     from diffusers.models.embeddings import Timesteps
 
@@ -86,9 +94,35 @@ def reembed_time(model, num_channels: int, num_train_timesteps: int = 1000) -> T
         new_linear.bias.copy_(solution[-1])
         model.time_proj = new_proj
         model.time_embedding.linear_1 = new_linear
-        after = model.time_embedding(new_proj(t).to(linear_1.weight.dtype)).double()
+    features = new_proj(t).to(linear_1.weight.dtype)
+    if refine_steps > 0:
+        _refine_time_embedding(model.time_embedding, features, before.to(features.dtype), refine_steps, learning_rate)
+    with torch.no_grad():
+        after = model.time_embedding(features).double()
     error = float((after - before).norm() / before.norm())
     return TimeReembedding(old_proj.num_channels, num_channels, error)
+
+
+def _refine_time_embedding(embedding, features, target, steps, learning_rate) -> None:
+    params = list(embedding.parameters())
+    best = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        best_loss = float(((embedding(features) - target) ** 2).mean())
+    optimizer = torch.optim.Adam(params, lr=learning_rate)
+    with torch.enable_grad():
+        for _ in range(steps):
+            optimizer.zero_grad()
+            loss = ((embedding(features) - target) ** 2).mean()
+            loss.backward()
+            optimizer.step()
+            if float(loss.detach()) < best_loss:
+                best_loss = float(loss.detach())
+                best = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, b in zip(params, best):
+            p.copy_(b)
+        for p in params:
+            p.grad = None
 
 
 # ---------------------------------------------------------------------- stock arithmetic
