@@ -371,24 +371,15 @@ def _stock_model(model, units: UnitSet, keep: Dict[str, torch.Tensor], state):
             "family (local selection), or export with layout='per-layer'."
         )
     ratio = distinct[0]
-    config = {k: v for k, v in model.config.items() if not k.startswith("_")}
-    channels = [c * ratio for c in config["block_out_channels"]]
-    groups = config["norm_num_groups"] * ratio
-    bad = [x for x in channels + [groups] if x.denominator != 1]
-    if bad:
+    dense = model.config
+    scaled = [c * ratio for c in dense["block_out_channels"]] + [dense["norm_num_groups"] * ratio]
+    scaled += [dense[k] * ratio for k in ("attn_norm_num_groups", "time_embedding_dim") if dense.get(k) is not None]
+    if any(x.denominator != 1 for x in scaled):
         raise ValueError(
-            f"A keep ratio of {ratio} gives non-integer widths {[str(c) for c in channels]} / "
-            f"{groups} groups; choose a sparsity from stock_sparsities(units)."
+            f"A keep ratio of {ratio} gives non-integer widths or group counts ({[str(x) for x in scaled]}); "
+            "choose a sparsity from stock_sparsities(units)."
         )
-    config["block_out_channels"] = [int(c) for c in channels]
-    config["norm_num_groups"] = int(groups)
-    if config.get("attn_norm_num_groups") is not None:
-        attn_groups = config["attn_norm_num_groups"] * ratio
-        if attn_groups.denominator != 1:
-            raise ValueError(f"attn_norm_num_groups x {ratio} is not an integer; choose another sparsity.")
-        config["attn_norm_num_groups"] = int(attn_groups)
-    if config.get("time_embedding_dim") is not None:
-        config["time_embedding_dim"] = int(config["time_embedding_dim"] * ratio)
+    config = stock_config(model, ratio)
     if model.time_proj.num_channels != config["block_out_channels"][0]:
         raise ValueError(
             f"The stock layout ties the time sinusoid to block_out_channels[0] = {config['block_out_channels'][0]}, "
@@ -410,3 +401,45 @@ def _load_exact(pruned: nn.Module, state, layout: str) -> None:
                 f"but the pruned weights have {got}."
             )
     pruned.load_state_dict(state, strict=True)
+
+
+# ---------------------------------------------------------------------- MACs targets
+def stock_config(model, keep: Fraction) -> dict:
+    """The stock ``UNet2DModel`` config that keeps ``keep`` of every unit family."""
+    config = {k: v for k, v in model.config.items() if not k.startswith("_")}
+    config["block_out_channels"] = [int(c * keep) for c in config["block_out_channels"]]
+    config["norm_num_groups"] = int(config["norm_num_groups"] * keep)
+    if config.get("attn_norm_num_groups") is not None:
+        config["attn_norm_num_groups"] = int(config["attn_norm_num_groups"] * keep)
+    if config.get("time_embedding_dim") is not None:
+        config["time_embedding_dim"] = int(config["time_embedding_dim"] * keep)
+    return config
+
+
+def sparsity_for_macs(model, units: UnitSet, macs_fraction: float) -> Tuple[float, float]:
+    """The unit sparsity whose stock model has the MACs closest to ``macs_fraction`` of the dense MACs.
+
+    MACs are counted with attention matmuls, on shapes only (the models are built on the meta
+    device). The stock grid is exact for the stock layout; for global (per-layer) selection it is
+    the uniform-width estimate, and the exported model's real MACs are what the reports show.
+
+    Returns
+    -------
+    (sparsity, achieved_fraction)
+    """
+    from diffusers import UNet2DModel
+
+    from .counting import count_macs
+
+    if not 0 < macs_fraction <= 1:
+        raise ValueError(f"A MACs target is a fraction of the dense MACs in (0, 1], got {macs_fraction!r}.")
+    q = stock_unit_quantum(units)
+    with torch.device("meta"):
+        dense = count_macs(UNet2DModel(**stock_config(model, Fraction(1))))
+        best = (0.0, 1.0)
+        for k in range(q, 0, -1):
+            keep = Fraction(k, q)
+            fraction = count_macs(UNet2DModel(**stock_config(model, keep))) / dense
+            if abs(fraction - macs_fraction) < abs(best[1] - macs_fraction):
+                best = (float(1 - keep), fraction)
+    return best
