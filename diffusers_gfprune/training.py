@@ -1,0 +1,338 @@
+"""What the training scripts share: arguments, accelerate set-up, optimizer, EMA, checkpoints.
+
+The scripts in ``training/`` parse arguments and orchestrate; the pieces live here so that
+``train_ddpm.py`` and ``prune.py`` behave alike (same flags, same checkpoint layout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import shutil
+from typing import List, Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+
+# ---------------------------------------------------------------------- arguments
+def add_data_arguments(parser: argparse.ArgumentParser, default_dataset: Optional[str] = "digits") -> None:
+    parser.add_argument("--dataset_name", type=str, default=default_dataset,
+                        help="A Hub data set (owner/name), a local data set path, or the built-in 'digits' (scikit-learn's 8x8 digits, offline).")
+    parser.add_argument("--dataset_config_name", type=str, default=None, help="The data set's config name, if it has several.")
+    parser.add_argument("--train_data_dir", type=str, default=None,
+                        help="A folder of images (loaded as an 'imagefolder' data set); use instead of --dataset_name.")
+    parser.add_argument("--image_column", type=str, default="image", help="The column holding the images.")
+    parser.add_argument("--cache_dir", type=str, default=None, help="Where downloaded data sets and models are cached.")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="Training resolution; defaults to the model's sample_size.")
+    parser.add_argument("--center_crop", action="store_true", help="Center-crop to the resolution (default: random crop).")
+    parser.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random.")
+    parser.add_argument("--max_train_samples", type=int, default=None, help="Use only this many training images (debugging).")
+    parser.add_argument("--dataloader_num_workers", type=int, default=0, help="Data loader worker processes.")
+
+
+def add_training_arguments(parser: argparse.ArgumentParser, defaults: Optional[dict] = None) -> None:
+    """The flags of diffusers' example scripts that both training scripts take."""
+    d = {"train_batch_size": 64, "max_train_steps": 2000, "learning_rate": 1e-4, "lr_warmup_steps": 100,
+         "checkpointing_steps": 500, "validation_steps": 500, "output_dir": "output"}
+    d.update(defaults or {})
+    parser.add_argument("--output_dir", type=str, default=d["output_dir"], help="Where the pipeline, card, samples and checkpoints go.")
+    parser.add_argument("--overwrite_output_dir", action="store_true", help="Allow writing into a non-empty output folder.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed for reproducible training.")
+    parser.add_argument("--train_batch_size", type=int, default=d["train_batch_size"], help="Batch size per device.")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Steps to accumulate before an update.")
+    parser.add_argument("--max_train_steps", type=int, default=d["max_train_steps"], help="Total optimizer steps.")
+    parser.add_argument("--learning_rate", type=float, default=d["learning_rate"], help="Initial learning rate (after warm-up).")
+    parser.add_argument("--lr_scheduler", type=str, default="constant_with_warmup",
+                        choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
+                        help="Learning-rate schedule.")
+    parser.add_argument("--lr_warmup_steps", type=int, default=d["lr_warmup_steps"], help="Warm-up steps of the schedule.")
+    parser.add_argument("--adam_beta1", type=float, default=0.95, help="Adam beta1.")
+    parser.add_argument("--adam_beta2", type=float, default=0.999, help="Adam beta2.")
+    parser.add_argument("--adam_weight_decay", type=float, default=1e-6, help="AdamW weight decay.")
+    parser.add_argument("--adam_epsilon", type=float, default=1e-8, help="Adam epsilon.")
+    parser.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
+    parser.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True, help="Keep an EMA of the weights and save it.")
+    parser.add_argument("--ema_max_decay", type=float, default=0.9999, help="Largest EMA decay.")
+    parser.add_argument("--ema_inv_gamma", type=float, default=1.0, help="EMA warm-up inv_gamma.")
+    parser.add_argument("--ema_power", type=float, default=3 / 4, help="EMA warm-up power.")
+    parser.add_argument("--prediction_type", type=str, default=None, choices=["epsilon", "sample", "v_prediction"],
+                        help="What the model predicts; defaults to the scheduler's.")
+    parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+                        help="Mixed precision (accelerate); default from `accelerate config`.")
+    parser.add_argument("--report_to", type=str, default="tensorboard",
+                        help="Trackers: tensorboard, wandb, all, or none.")
+    parser.add_argument("--logging_dir", type=str, default="logs", help="Tracker logs, relative to output_dir.")
+    parser.add_argument("--checkpointing_steps", type=int, default=d["checkpointing_steps"], help="Save a resumable checkpoint every N steps.")
+    parser.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    parser.add_argument("--resume_from_checkpoint", type=str, default=None, help="A checkpoint folder, or 'latest'.")
+    parser.add_argument("--validation_steps", type=int, default=d["validation_steps"], help="Save a sample grid every N steps.")
+    parser.add_argument("--num_validation_images", type=int, default=16, help="Images in a validation grid.")
+    parser.add_argument("--num_inference_steps", type=int, default=100, help="Sampling steps of validation grids (DDIM).")
+
+
+def add_hub_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--push_to_hub", action="store_true", help="Push the finished pipeline to the Hub.")
+    parser.add_argument("--hub_model_id", type=str, default=None, help="owner/name of the Hub repo to push to.")
+    parser.add_argument("--hub_token", type=str, default=None, help="Hub token (else HF_TOKEN or the login cache). Never printed or stored.")
+    parser.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repo as private.")
+
+
+# ---------------------------------------------------------------------- checks before heavy work
+def check_output_dir(output_dir: str, overwrite: bool, resume: Optional[str]) -> None:
+    """A non-empty output folder is refused unless resuming or asked to overwrite."""
+    if os.path.isfile(output_dir):
+        raise ValueError(f"--output_dir {output_dir!r} is a file; give a folder.")
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite and not resume:
+        raise ValueError(
+            f"The output folder {output_dir!r} exists and is not empty. Choose another --output_dir, pass "
+            "--overwrite_output_dir to write into it, or --resume_from_checkpoint latest to continue a run."
+        )
+
+
+def check_training_arguments(args) -> None:
+    for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    for name in ("checkpointing_steps", "validation_steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1.")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        raise ValueError("--checkpoints_total_limit must be >= 1.")
+
+
+def check_hub_arguments(args) -> None:
+    """--push_to_hub needs a repo id and a token, before any heavy work. The token is never printed."""
+    if not args.push_to_hub:
+        return
+    if not args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id owner/name (the repo to create or update).")
+    from huggingface_hub import get_token
+
+    if not (args.hub_token or get_token()):
+        raise ValueError(
+            "--push_to_hub needs a Hub token: pass --hub_token, set HF_TOKEN, or run `hf auth login` once."
+        )
+
+
+# ---------------------------------------------------------------------- accelerate
+def create_accelerator(args, split_batches: bool = True):
+    """An Accelerator for the scripts. With ``split_batches`` the data loader yields the global batch
+    and each process gets its slice, so N processes see what one process sees."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
+    report_to = None if args.report_to in (None, "none") else args.report_to
+    if report_to == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            logger.warning("tensorboard is not installed; logging to no tracker (pip install tensorboard).")
+            report_to = None
+    project = ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir))
+    return Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=report_to,
+        project_config=project,
+        dataloader_config=DataLoaderConfiguration(split_batches=split_batches),
+    )
+
+
+def create_optimizer(model, args):
+    return torch.optim.AdamW(
+        model.parameters(),
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+
+
+def create_lr_scheduler(optimizer, args, num_processes: int = 1):
+    from diffusers.optimization import get_scheduler
+
+    # accelerate steps a prepared scheduler once per process, so its counts are scaled as in diffusers' examples.
+    return get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * num_processes,
+        num_training_steps=args.max_train_steps * num_processes,
+    )
+
+
+def create_ema(model, args):
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(
+        model.parameters(),
+        decay=args.ema_max_decay,
+        use_ema_warmup=True,
+        inv_gamma=args.ema_inv_gamma,
+        power=args.ema_power,
+        model_cls=type(model),
+        model_config=model.config,
+    )
+
+
+# ---------------------------------------------------------------------- checkpoints
+def list_checkpoints(output_dir: str) -> List[str]:
+    """Checkpoint folders in ``output_dir``, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [(int(m.group(1)), name) for name in os.listdir(output_dir) if (m := CHECKPOINT_PATTERN.match(name))]
+    return [os.path.join(output_dir, name) for _, name in sorted(found)]
+
+
+def resolve_checkpoint(output_dir: str, resume: Optional[str]) -> Optional[str]:
+    """The folder to resume from: a path, or the newest with 'latest' (None when there is none)."""
+    if not resume:
+        return None
+    if resume == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        return checkpoints[-1] if checkpoints else None
+    path = resume if os.path.isdir(resume) else os.path.join(output_dir, resume)
+    if not os.path.isdir(path):
+        raise ValueError(f"--resume_from_checkpoint {resume!r} is not a checkpoint folder (or use 'latest').")
+    return path
+
+
+def checkpoint_step(path: str) -> int:
+    match = CHECKPOINT_PATTERN.match(os.path.basename(os.path.normpath(path)))
+    if not match:
+        raise ValueError(f"{path!r} is not named checkpoint-<step>.")
+    return int(match.group(1))
+
+
+def make_room_for_checkpoint(output_dir: str, limit: Optional[int]) -> None:
+    """Delete the oldest checkpoints so that one more fits under ``limit``."""
+    if limit is None:
+        return
+    checkpoints = list_checkpoints(output_dir)
+    for path in checkpoints[: max(0, len(checkpoints) - limit + 1)]:
+        logger.info("Removing old checkpoint %s", path)
+        shutil.rmtree(path)
+
+
+def log_images(accelerator, name: str, image, step: int) -> None:
+    """Send a PIL image to the trackers that take images."""
+    import numpy as np
+
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images(name, np.asarray(image)[None], step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({name: wandb.Image(image)}, step=step)
+
+
+# ---------------------------------------------------------------------- data order and noise
+class GlobalBatchNoise:
+    """Noise and timesteps drawn for the *global* batch, the same on every process.
+
+    Each process takes its slice, so a run on N processes computes what one process computes with
+    the N-times larger batch (up to the order of float sums). Its state goes into checkpoints.
+    """
+
+    def __init__(self, seed: int, num_processes: int = 1, process_index: int = 0):
+        self.generator = torch.Generator().manual_seed(int(seed) + 1)
+        self.num_processes = num_processes
+        self.process_index = process_index
+
+    def loss(self, images: torch.Tensor, scheduler, prediction_type: Optional[str] = None):
+        """A :class:`~diffusers_gfprune.objective.DDPMLoss` for this process's slice of the global batch."""
+        from .objective import DDPMLoss
+
+        local = images.shape[0]
+        shape = (local * self.num_processes, *images.shape[1:])
+        noise = torch.randn(shape, generator=self.generator)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (shape[0],), generator=self.generator)
+        part = slice(self.process_index * local, (self.process_index + 1) * local)
+        return DDPMLoss(
+            images,
+            noise[part].to(images.device, images.dtype),
+            timesteps[part].to(images.device),
+            scheduler,
+            prediction_type or scheduler.config.prediction_type,
+        )
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def epoch_batches(dataloader, generator: torch.Generator, seed: int, epoch: int, skip: int = 0, accelerator=None):
+    """Batches of one epoch in an order fixed by (seed, epoch), skipping the first ``skip`` (resume).
+
+    ``generator`` is the shuffle generator the data loader was built with (accelerate keeps it).
+    """
+    generator.manual_seed(int(seed) * 100_003 + epoch)
+    if skip and accelerator is not None:
+        yield from accelerator.skip_first_batches(dataloader, skip)
+        return
+    for i, batch in enumerate(dataloader):
+        if i >= skip:
+            yield batch
+
+
+def save_extra_state(directory: str, tensors: dict, meta: dict) -> None:
+    """Tensors as safetensors and the rest as JSON, next to accelerate's own files."""
+    import json
+
+    from safetensors.torch import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(directory, "training_state.safetensors"))
+    with open(os.path.join(directory, "training_state.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+
+
+def load_extra_state(directory: str):
+    import json
+
+    from safetensors.torch import load_file
+
+    with open(os.path.join(directory, "training_state.json")) as f:
+        meta = json.load(f)
+    return load_file(os.path.join(directory, "training_state.safetensors")), meta
+
+
+# ---------------------------------------------------------------------- saving
+def ema_model(model, ema):
+    """A copy of ``model`` holding the EMA weights (``model`` itself when there is no EMA)."""
+    if ema is None:
+        return model
+    import copy
+
+    copied = copy.deepcopy(model)
+    ema.copy_to(copied.parameters())
+    return copied
+
+
+def save_pipeline_into(pipeline, output_dir: str) -> None:
+    """Save ``pipeline`` at the root of ``output_dir`` (beside checkpoints, samples, logs).
+
+    The pipeline is written completely to a temporary folder first; only then are its files moved
+    into place, so an interrupted save never leaves a half-written pipeline.
+    """
+    from .modeling_pruned_unet import save_pruned_pipeline
+
+    staging = os.path.join(output_dir, ".pipeline-staging")
+    save_pruned_pipeline(pipeline, staging)
+    for name in os.listdir(staging):
+        target = os.path.join(output_dir, name)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        elif os.path.exists(target):
+            os.remove(target)
+        os.replace(os.path.join(staging, name), target)
+    os.rmdir(staging)
