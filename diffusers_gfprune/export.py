@@ -406,7 +406,7 @@ def _load_exact(pruned: nn.Module, state, layout: str) -> None:
 # ---------------------------------------------------------------------- MACs targets
 def stock_config(model, keep: Fraction) -> dict:
     """The stock ``UNet2DModel`` config that keeps ``keep`` of every unit family."""
-    config = {k: v for k, v in model.config.items() if not k.startswith("_")}
+    config = {k: v for k, v in model.config.items() if not k.startswith("_") and k != "pruned_widths"}
     config["block_out_channels"] = [int(c * keep) for c in config["block_out_channels"]]
     config["norm_num_groups"] = int(config["norm_num_groups"] * keep)
     if config.get("attn_norm_num_groups") is not None:

@@ -336,3 +336,36 @@ def save_pipeline_into(pipeline, output_dir: str) -> None:
             os.remove(target)
         os.replace(os.path.join(staging, name), target)
     os.rmdir(staging)
+
+
+def scoring_losses(dataset, step: int, seed: int, batch_size: int, num_batches: int, scheduler, prediction_type=None,
+                   num_processes: int = 1, process_index: int = 0, device="cpu"):
+    """Mini-batches for the pruning criterion at ``step``, drawn from (seed, step) alone.
+
+    Needing no state of its own, a resumed run re-draws exactly what an uninterrupted run drew;
+    every process draws the same global batches and takes its slice.
+    """
+    from .objective import DDPMLoss
+
+    generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(step))
+    prediction_type = prediction_type or scheduler.config.prediction_type
+    part = slice(process_index * batch_size, (process_index + 1) * batch_size)
+    losses = []
+    for _ in range(num_batches):
+        index = torch.randint(len(dataset), (batch_size * num_processes,), generator=generator)
+        images = torch.stack([dataset[int(i)]["images"] for i in index])
+        noise = torch.randn(images.shape, generator=generator)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (images.shape[0],), generator=generator)
+        losses.append(DDPMLoss(images[part].to(device), noise[part].to(device), timesteps[part].to(device), scheduler, prediction_type))
+    return losses
+
+
+def forget_prepared(accelerator) -> None:
+    """Drop accelerate's references to the prepared models, optimizers and schedulers.
+
+    After export the slim model replaces the dense one; without this, ``save_state`` would keep
+    saving the dense model's optimizer too and a resumed run could not match the files.
+    """
+    accelerator._models.clear()
+    accelerator._optimizers.clear()
+    accelerator._schedulers.clear()

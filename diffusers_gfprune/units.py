@@ -166,11 +166,19 @@ def find_units(model, sample_size: Optional[int] = None) -> UnitSet:
     _check_unet(model)
     names = {module: name for name, module in model.named_modules()}
     param_modules = (nn.Conv2d, nn.Linear, nn.GroupNorm)
-    graph = tp.DependencyGraph().build_dependency(
-        model,
-        example_inputs=_example_inputs(model, sample_size),
-        forward_fn=lambda m, inputs: m(**inputs).sample,
-    )
+    # Torch-Pruning traces the autograd graph: parameters must require grad while it runs.
+    flags = [p.requires_grad for p in model.parameters()]
+    try:
+        model.requires_grad_(True)
+        with torch.enable_grad():
+            graph = tp.DependencyGraph().build_dependency(
+                model,
+                example_inputs=_example_inputs(model, sample_size),
+                forward_fn=lambda m, inputs: m(**inputs).sample,
+            )
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
 
     # One node per (layer, dim, index); channels coupled in any Torch-Pruning group are merged.
     uf = _UnionFind()
@@ -221,6 +229,8 @@ def find_units(model, sample_size: Optional[int] = None) -> UnitSet:
     families = []
     for signature, channels in by_signature.items():
         families.append(_make_family(signature, channels, sizes, group_norms, attentions, model))
+    if not families:
+        raise RuntimeError("No prunable channels were found in this model; please report its config.")
     families.sort(key=lambda f: _module_order(model, f.name))
     _check_unique_names(families)
     return UnitSet(families=families, group_norms=group_norms)

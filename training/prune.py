@@ -1,0 +1,358 @@
+#!/usr/bin/env python
+"""Prune a UNet2DModel DDPM with gradient flow, fine-tune it, and save (and push) the slim pipeline.
+
+With no arguments it prunes the project's shipped digits teacher to about half its MACs, offline:
+
+    accelerate launch training/prune.py
+
+The real thing, on a GPU:
+
+    accelerate launch training/prune.py --pretrained_model_name_or_path google/ddpm-cifar10-32 \\
+        --dataset_name cifar10 --image_column img --target_sparsity 0.5 --output_dir ddpm-cifar10-gfp50 \\
+        --max_train_steps 100000 --train_batch_size 128 --push_to_hub --hub_model_id user/ddpm-cifar10-gfp50
+"""
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import sys
+import time
+
+import torch
+from accelerate.logging import get_logger
+from accelerate.utils import set_seed
+from diffusers import DDIMScheduler, DDPMPipeline, UNet2DModel
+from tqdm.auto import tqdm
+
+from diffusers_gfprune import data, export, training
+from diffusers_gfprune.counting import count_mac_breakdown, count_parameters
+from diffusers_gfprune.criteria import CRITERIA, get_criterion
+from diffusers_gfprune.modeling_pruned_unet import PrunedUNet2DModel
+from diffusers_gfprune.pruner import GradientFlowPruner, PrunerConfig
+from diffusers_gfprune.sampling import comparison_grid, sample_images
+from diffusers_gfprune.teacher import load_teacher, resolve_teacher
+from diffusers_gfprune.units import find_units
+
+logger = get_logger(__name__)
+
+DEFAULT_TEACHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "teachers", "ddpm-digits")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pretrained_model_name_or_path", type=str, default=os.path.normpath(DEFAULT_TEACHER),
+                        help="The teacher: a Hub id or a local folder with a DDPMPipeline or a UNet2DModel (default: the shipped digits teacher).")
+    parser.add_argument("--revision", type=str, default=None, help="Revision (branch, tag, commit) of the teacher on the Hub.")
+    training.add_data_arguments(parser)
+    training.add_training_arguments(parser, {"output_dir": "ddpm-digits-gfp50", "max_train_steps": 1000, "train_batch_size": 64,
+                                             "learning_rate": 2e-4, "lr_warmup_steps": 0, "checkpointing_steps": 250,
+                                             "validation_steps": 250})
+    training.add_hub_arguments(parser)
+    p = parser.add_argument_group("pruning")
+    p.add_argument("--criterion", type=str, default="gradient_flow", help=f"Pruning criterion: one of {sorted(CRITERIA)}.")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--target_sparsity", type=float, default=None, help="Fraction of units to remove, in [0, 1).")
+    target.add_argument("--target_macs", type=float, default=None,
+                        help="Instead of a sparsity: reach this fraction of the dense MACs (default 0.5 when neither is given).")
+    p.add_argument("--layout", type=str, default="stock", choices=export.LAYOUTS,
+                   help="'stock': a plain UNet2DModel, loads anywhere; 'per-layer': widths chosen by a global ranking (loads with trust_remote_code=True).")
+    p.add_argument("--soft_steps", type=int, default=None, help="N: steps of the progressive soft phase (default 0.1 x max_train_steps).")
+    p.add_argument("--pruning_steps", type=int, default=None, help="M: end of the pruning stage, where the model is exported (default 0.2 x max_train_steps).")
+    p.add_argument("--rescore_every", type=int, default=None, help="K: re-score every K steps (default N / 10).")
+    p.add_argument("--sparsity_schedule", type=str, default="linear", help="s_t: linear, cosine or exponential.")
+    p.add_argument("--mask_schedule", type=str, default="linear", help="p_t: linear, cosine or exponential.")
+    p.add_argument("--score_ema", type=float, default=0.5, help="Smoothing of scores between re-scorings.")
+    p.add_argument("--score_batches", type=int, default=2, help="Mini-batches per re-scoring.")
+    p.add_argument("--score_batch_size", type=int, default=None, help="Images per scoring mini-batch (default: train_batch_size).")
+    p.add_argument("--hvp", type=str, default="exact", choices=["exact", "finite_difference"], help="gradient_flow: how H g is computed.")
+    p.add_argument("--min_keep_fraction", type=float, default=0.1, help="per-layer: every family keeps at least this fraction.")
+    return parser.parse_args(argv)
+
+
+def pruning_config(args) -> PrunerConfig:
+    soft = args.soft_steps if args.soft_steps is not None else max(1, round(0.1 * args.max_train_steps))
+    pruning = args.pruning_steps if args.pruning_steps is not None else max(soft + 1, round(0.2 * args.max_train_steps))
+    if pruning > args.max_train_steps:
+        raise ValueError(
+            f"The pruning stage (--pruning_steps {pruning}) must fit in --max_train_steps {args.max_train_steps}; "
+            "lower the phase lengths or train longer."
+        )
+    return PrunerConfig(
+        target_sparsity=args.target_sparsity,
+        soft_steps=soft,
+        pruning_steps=pruning,
+        rescore_every=args.rescore_every if args.rescore_every is not None else max(1, soft // 10),
+        sparsity_schedule=args.sparsity_schedule,
+        mask_schedule=args.mask_schedule,
+        selection="local" if args.layout == "stock" else "global",
+        min_keep_fraction=args.min_keep_fraction,
+        score_ema=args.score_ema,
+    )
+
+
+def validate(args):
+    """Every check that can fail, before any heavy work and before anything is written."""
+    training.check_training_arguments(args)
+    training.check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint)
+    training.check_hub_arguments(args)
+    criterion_kwargs = {"hvp": args.hvp} if args.criterion == "gradient_flow" else {}
+    criterion = get_criterion(args.criterion, **criterion_kwargs)
+    if args.target_sparsity is not None:
+        export.check_sparsity(args.target_sparsity)
+    if args.target_macs is not None and not 0 < args.target_macs <= 1:
+        raise ValueError(f"--target_macs is a fraction of the dense MACs in (0, 1], got {args.target_macs}.")
+    if args.score_batches < 1:
+        raise ValueError("--score_batches must be >= 1.")
+    source = resolve_teacher(args.pretrained_model_name_or_path, args.revision, args.cache_dir, args.hub_token)
+    in_channels = source.unet_config.get("in_channels", 3)
+    resolution = args.resolution or source.unet_config.get("sample_size")
+    data_config = data.DataConfig(
+        dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name, train_data_dir=args.train_data_dir,
+        image_column=args.image_column, resolution=resolution, center_crop=args.center_crop, random_flip=args.random_flip,
+        cache_dir=args.cache_dir, max_train_samples=args.max_train_samples,
+    )
+    data.validate_data_source(data_config, in_channels)
+    if args.target_sparsity is None and args.target_macs is None:
+        args.target_macs = 0.5
+    if args.target_sparsity is not None:
+        pruning_config(args)  # phase lengths
+    else:
+        pruning_config(argparse.Namespace(**{**vars(args), "target_sparsity": 0.0}))
+    return source, data_config, criterion
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    source, data_config, criterion = validate(args)
+    started = time.time()
+
+    teacher, noise_scheduler = load_teacher(source, args.cache_dir, args.hub_token)
+    teacher.eval().requires_grad_(False)
+    units = find_units(teacher)
+    if args.target_sparsity is None:
+        args.target_sparsity, _ = export.sparsity_for_macs(teacher, units, args.target_macs)
+    if args.layout == "stock":
+        export.stock_keep_ratio(units, args.target_sparsity)  # a clear error if the layout cannot meet it
+    config = pruning_config(args)
+    in_channels = teacher.config.in_channels
+    sample_size = data_config.resolution
+
+    accelerator = training.create_accelerator(args)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    set_seed(args.seed)
+
+    # The dense student: for the stock layout its time sinusoid is first narrowed (once, measured).
+    student = copy.deepcopy(teacher).requires_grad_(True).train()
+    reembedding = None
+    if args.layout == "stock":
+        reembedding = export.prepare_stock(student, units, args.target_sparsity, noise_scheduler.config.num_train_timesteps)
+        logger.info("Time re-embedding: relative change of the time embedding %.4f", reembedding.embedding_relative_error)
+    # As a PrunedUNet2DModel the (possibly re-embedded) dense model saves and loads in diffusers format.
+    ones = {f.name: torch.ones(f.num_units) for f in units}
+    student = export.export_model(student, units, ones, "per-layer").train()
+    units = find_units(student)
+
+    resume = training.resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    stage = "pruning"
+    if resume:
+        _, meta = training.load_extra_state(resume)
+        stage = meta["stage"]
+    pruner = None
+    if stage == "pruning":
+        pruner = GradientFlowPruner(student, units, config, criterion)
+    else:
+        slim_cls = UNet2DModel if args.layout == "stock" else PrunedUNet2DModel
+        student = slim_cls.from_pretrained(resume, subfolder="unet").train()
+
+    dataset = data.load_train_dataset(data_config, in_channels)
+    global_batch = args.train_batch_size * accelerator.num_processes
+    dataloader = data.make_dataloader(dataset, global_batch, seed=args.seed, num_workers=args.dataloader_num_workers)
+    shuffle_generator = dataloader.generator
+    noise = training.GlobalBatchNoise(args.seed, accelerator.num_processes, accelerator.process_index)
+
+    state = {"stage": stage}
+    ema = training.create_ema(student, args) if args.use_ema else None
+    optimizer = training.create_optimizer(student, args)
+    lr_scheduler = training.create_lr_scheduler(optimizer, args, accelerator.num_processes)
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            for m in models:
+                accelerator.unwrap_model(m).save_pretrained(os.path.join(output_dir, "unet"))
+                weights.pop()
+            if ema is not None:
+                ema.save_pretrained(os.path.join(output_dir, "unet_ema"))
+            if pruner is not None and state["stage"] == "pruning":
+                pruner.save(os.path.join(output_dir, "pruner"))
+            training.save_extra_state(output_dir, {"noise/generator": noise.state_dict()["generator"]}, {"stage": state["stage"]})
+
+    def load_hook(models, input_dir):
+        for _ in range(len(models)):
+            m = accelerator.unwrap_model(models.pop())
+            m.load_state_dict(type(m).from_pretrained(input_dir, subfolder="unet").state_dict())
+        if ema is not None:
+            from diffusers.training_utils import EMAModel
+
+            ema.load_state_dict(EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), type(student)).state_dict())
+        if pruner is not None and state["stage"] == "pruning":
+            pruner.load(os.path.join(input_dir, "pruner"))
+        tensors, _ = training.load_extra_state(input_dir)
+        noise.load_state_dict({"generator": tensors["noise/generator"]})
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+    student, optimizer, dataloader, lr_scheduler = accelerator.prepare(student, optimizer, dataloader, lr_scheduler)
+    if ema is not None:
+        ema.to(accelerator.device)
+    teacher.to(accelerator.device)
+    if accelerator.is_main_process:
+        tracked = {k: v for k, v in vars(args).items() if k != "hub_token" and isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers("prune", config=tracked)
+
+    global_step = 0
+    if resume:
+        accelerator.print(f"Resuming from {resume} ({stage} stage)")
+        accelerator.load_state(resume)
+        global_step = training.checkpoint_step(resume)
+
+    fixed_noise = torch.randn((args.num_validation_images, in_channels, sample_size, sample_size), generator=torch.Generator().manual_seed(args.seed))
+    ddim = DDIMScheduler.from_config(noise_scheduler.config)
+    teacher_images = sample_images(teacher, ddim, fixed_noise, args.num_inference_steps) if accelerator.is_main_process else None
+    dense_stats = {"params": count_parameters(teacher), "macs": count_mac_breakdown(teacher, sample_size)}
+
+    steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
+    progress = tqdm(total=args.max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="prune")
+    score_batch = args.score_batch_size or args.train_batch_size
+    history = []
+    info = None
+    loss_value = float("nan")
+    pruning_seconds = 0.0
+    micro_step = 0
+    while global_step < args.max_train_steps:
+        epoch, skip = divmod(global_step, steps_per_epoch)
+        for batch in training.epoch_batches(dataloader, shuffle_generator, args.seed, epoch, skip * args.gradient_accumulation_steps, accelerator):
+            with accelerator.accumulate(student):
+                if micro_step % args.gradient_accumulation_steps == 0:
+                    info = None
+                micro_step += 1
+                if state["stage"] == "pruning" and info is None:
+                    tick = time.time()
+                    losses = lambda: training.scoring_losses(  # noqa: E731
+                        dataset, global_step, args.seed, score_batch, args.score_batches, noise_scheduler,
+                        args.prediction_type, accelerator.num_processes, accelerator.process_index, accelerator.device,
+                    )
+                    info = pruner.step(global_step, losses)
+                    pruning_seconds += time.time() - tick
+                loss = noise.loss(batch["images"], noise_scheduler, args.prediction_type)(student)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(student.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            if not accelerator.sync_gradients:
+                continue
+            if ema is not None:
+                ema.step(student.parameters())
+            global_step += 1
+            loss_value = accelerator.gather(loss.detach()).mean().item()
+            phase = info["phase"] if info else "finetune"
+            sparsity = info["sparsity"] if info else args.target_sparsity
+            progress.update(1)
+            progress.set_postfix(phase=phase, sparsity=f"{sparsity:.2f}", loss=f"{loss_value:.4f}")
+            logs = {"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0], "sparsity": sparsity}
+            if info:
+                logs["mask_value"] = info["mask_value"]
+            accelerator.log(logs, step=global_step)
+            history.append({"step": global_step, "loss": loss_value, "phase": phase, "sparsity": sparsity})
+
+            if state["stage"] == "pruning" and global_step > config.pruning_steps:
+                # End of the pruning stage: physically remove the masked units.
+                student, optimizer, lr_scheduler, ema = _export_and_rebuild(
+                    accelerator, student, ema, pruner, units, args, global_step
+                )
+                state["stage"] = "finetune"
+                pruner.masks.detach()
+                accelerator.print(f"Exported at step {global_step}: {count_parameters(accelerator.unwrap_model(student)):,} parameters")
+            if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+                if accelerator.is_main_process:
+                    training.make_room_for_checkpoint(args.output_dir, args.checkpoints_total_limit)
+                accelerator.wait_for_everyone()
+                accelerator.save_state(os.path.join(args.output_dir, f"checkpoint-{global_step}"))
+            if accelerator.is_main_process and (global_step % args.validation_steps == 0 or global_step == args.max_train_steps):
+                unet = training.ema_model(accelerator.unwrap_model(student), ema)
+                images = sample_images(unet, ddim, fixed_noise, args.num_inference_steps)
+                grid = comparison_grid([teacher_images, images], ["teacher", f"pruned ({phase})"], scale=4)
+                os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
+                grid.save(os.path.join(args.output_dir, "samples", f"step-{global_step:06d}.png"))
+                training.log_images(accelerator, "teacher_vs_pruned", grid, global_step)
+            if global_step >= args.max_train_steps:
+                break
+    progress.close()
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if state["stage"] != "finetune":
+            raise RuntimeError("The run ended before the pruning stage did; nothing to export.")
+        unet = training.ema_model(accelerator.unwrap_model(student), ema).eval()
+        pipeline = DDPMPipeline(unet=unet, scheduler=noise_scheduler)
+        training.save_pipeline_into(pipeline, args.output_dir)
+        images = sample_images(unet, ddim, fixed_noise, args.num_inference_steps)
+        comparison_grid([teacher_images, images], ["teacher", "pruned"], scale=4).save(os.path.join(args.output_dir, "teacher_vs_pruned.png"))
+        summary = {
+            "teacher": source.path,
+            "criterion": args.criterion,
+            "layout": args.layout,
+            "target_sparsity": args.target_sparsity,
+            "target_macs": args.target_macs,
+            "pruner": vars(config) if not hasattr(config, "__dataclass_fields__") else {k: getattr(config, k) for k in config.__dataclass_fields__},
+            "time_reembedding_error": reembedding.embedding_relative_error if reembedding else None,
+            "dense": {"params": dense_stats["params"], "macs": dense_stats["macs"].total, "macs_without_attention": dense_stats["macs"].without_attention},
+            "pruned": _stats(unet, sample_size),
+            "final_loss": loss_value,
+            "max_train_steps": args.max_train_steps,
+            "wall_seconds": time.time() - started,
+            "pruning_criterion_seconds": pruning_seconds,
+        }
+        with open(os.path.join(args.output_dir, "pruning_summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        accelerator.print(json.dumps({k: summary[k] for k in ("dense", "pruned", "final_loss", "wall_seconds")}, indent=2))
+        if args.push_to_hub:
+            from diffusers_gfprune.hub import push_folder
+
+            push_folder(args.output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo)
+    accelerator.end_training()
+
+
+def _stats(unet, sample_size):
+    macs = count_mac_breakdown(unet, sample_size)
+    return {"params": count_parameters(unet), "macs": macs.total, "macs_without_attention": macs.without_attention}
+
+
+def _export_and_rebuild(accelerator, student, ema, pruner, units, args, global_step):
+    """Export the masked dense student (and its EMA) and continue with a fresh optimizer."""
+    masks = pruner.final_masks()
+    dense = accelerator.unwrap_model(student)
+    slim = export.export_model(dense, units, masks, args.layout).train()
+    new_ema = None
+    if ema is not None:
+        dense_ema = training.ema_model(dense, ema)
+        slim_ema = export.export_model(dense_ema, units, masks, args.layout)
+        new_ema = training.create_ema(slim, args)
+        new_ema.shadow_params = [p.detach().clone() for p in slim_ema.parameters()]
+        new_ema.optimization_step = ema.optimization_step
+        new_ema.to(accelerator.device)
+    optimizer = training.create_optimizer(slim, args)
+    lr_scheduler = training.create_lr_scheduler(optimizer, args, accelerator.num_processes)
+    for _ in range(global_step * accelerator.num_processes):
+        lr_scheduler.step()
+    training.forget_prepared(accelerator)
+    slim, optimizer, lr_scheduler = accelerator.prepare(slim, optimizer, lr_scheduler)
+    return slim, optimizer, lr_scheduler, new_ema
+
+
+if __name__ == "__main__":
+    main()
