@@ -1,0 +1,219 @@
+"""The model card of a pruned pipeline, and pushing the finished folder to the Hub.
+
+The card comes from ``model_card_template.md`` through huggingface_hub's ``ModelCard.from_template``;
+its metadata (``ModelCardData``) carries ``base_model``, ``datasets``, ``library_name``,
+``pipeline_tag``, tags and one ``EvalResult`` per measured metric. Tokens are passed to
+huggingface_hub and nowhere else: never printed, logged or written.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+TEMPLATE_NAME = "model_card_template.md"
+# What never goes to the Hub: resumable checkpoints, tracker logs, temporary and hidden files.
+PUSH_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "logs/**", ".*", ".*/**", "**/.*"]
+REQUIRED_FILES = ("model_index.json", "unet/config.json", "scheduler/scheduler_config.json", "README.md")
+
+
+def template_path() -> str:
+    """The card template: at the repository root (source checkout) or installed under share/."""
+    candidates = [
+        os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), TEMPLATE_NAME),
+        os.path.join(sys.prefix, "share", "diffusers-gfprune", TEMPLATE_NAME),
+    ]
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(f"{TEMPLATE_NAME} not found in {candidates}; reinstall diffusers-gfprune.")
+
+
+@dataclass
+class Metric:
+    """One measured number, with how it was measured (shown in the card and in ``eval_results``)."""
+
+    key: str  # machine name, e.g. "fid_digits_classifier"
+    name: str  # shown to people, e.g. "FID (digits classifier features)"
+    value: float
+    how: str
+    dataset_name: str = "digits"
+    dataset_type: str = "sklearn-digits"
+
+
+@dataclass
+class CardInfo:
+    """Everything the card says about a pruning run."""
+
+    repo_name: str
+    base_model: str  # Hub id or local path of the teacher
+    base_model_on_hub: bool
+    dataset: str
+    dataset_on_hub: bool
+    criterion: str
+    layout: str
+    target_description: str
+    sparsity: float
+    params_dense: int
+    params_pruned: int
+    macs_dense: int
+    macs_pruned: int
+    macs_dense_noattn: int
+    macs_pruned_noattn: int
+    resolution: int
+    soft_steps: int
+    pruning_steps: int
+    rescore_every: int
+    sparsity_schedule: str
+    mask_schedule: str
+    max_train_steps: int
+    hyperparameters: Dict[str, object] = field(default_factory=dict)
+    metrics: List[Metric] = field(default_factory=list)
+    time_reembedding_error: Optional[float] = None
+    grid_path: str = "teacher_vs_pruned.png"
+    grid_sampler: str = "DDIM, 100 steps, eta 0"
+    repo_id: Optional[str] = None
+
+
+def _human(n: float) -> str:
+    from .counting import format_count
+
+    return format_count(n)
+
+
+def loading_snippet(layout: str, repo_id: str) -> str:
+    if layout == "stock":
+        return (
+            "from diffusers import DDPMPipeline\n\n"
+            f'pipeline = DDPMPipeline.from_pretrained("{repo_id}")\n'
+            "image = pipeline(batch_size=16).images[0]"
+        )
+    return (
+        "from diffusers import DiffusionPipeline\n\n"
+        f'pipeline = DiffusionPipeline.from_pretrained("{repo_id}", trust_remote_code=True)\n'
+        "image = pipeline(batch_size=16).images[0]"
+    )
+
+
+def loading_note(layout: str) -> str:
+    if layout == "stock":
+        return (
+            "\nThis is a plain `UNet2DModel` with a smaller config: no extra package and no flags are needed."
+        )
+    return (
+        "\n`trust_remote_code=True` is needed because every layer keeps its own width, which a stock `UNet2DModel` "
+        "config cannot express: the repo ships the small modeling file (`unet/modeling_pruned_unet.py`, torch and "
+        "diffusers only) that rebuilds those widths. Read it before you trust it; with `diffusers-gfprune` installed "
+        "you can also load it with `PrunedUNet2DModel.from_pretrained(repo, subfolder=\"unet\")`."
+    )
+
+
+def make_model_card(info: CardInfo):
+    """A ``huggingface_hub.ModelCard`` for a pruning run."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    repo_id = info.repo_id or f"<user>/{info.repo_name}"
+    eval_results = [
+        EvalResult(
+            task_type="unconditional-image-generation",
+            dataset_type=m.dataset_type,
+            dataset_name=m.dataset_name,
+            metric_type=m.key,
+            metric_name=m.name,
+            metric_value=float(m.value),
+        )
+        for m in info.metrics
+    ]
+    card_data = ModelCardData(
+        model_name=info.repo_name,
+        base_model=info.base_model if info.base_model_on_hub else None,
+        datasets=[info.dataset] if info.dataset_on_hub else None,
+        library_name="diffusers",
+        pipeline_tag="unconditional-image-generation",
+        license="apache-2.0",
+        tags=["diffusers", "ddpm", "pruning", "structured-pruning", "gradient-flow", "diffusers-gfprune", f"layout-{info.layout}"],
+        eval_results=eval_results or None,
+    )
+    if info.metrics:
+        rows = "\n".join(f"| {m.name} | {m.value:.4g} | {m.how} |" for m in info.metrics)
+        metrics_section = "| metric | value | how it was measured |\n|---|---:|---|\n" + rows
+    else:
+        metrics_section = "No quality metric was computed for this run."
+    hyper = "\n".join(f"- `{k}`: {v}" for k, v in info.hyperparameters.items())
+    layout_description = (
+        "plain `UNet2DModel` (stock layout): the same fraction of every unit family was kept, so it loads anywhere."
+        if info.layout == "stock"
+        else "per-layer pruned `UNet2DModel` subclass: each layer keeps the width the criterion chose."
+    )
+    reembedding_line = (
+        f"- Time embedding: the stock config ties the time sinusoid to the first level's width, so it was re-embedded "
+        f"once before pruning (relative change of the time embedding: {info.time_reembedding_error:.4f})."
+        if info.time_reembedding_error is not None
+        else ""
+    )
+    return ModelCard.from_template(
+        card_data,
+        template_path=template_path(),
+        model_name=info.repo_name,
+        base_model_display=f"`{info.base_model}`",
+        params_dense=_human(info.params_dense),
+        params_pruned=_human(info.params_pruned),
+        params_ratio=f"{info.params_pruned / info.params_dense:.3f}",
+        macs_dense=_human(info.macs_dense),
+        macs_pruned=_human(info.macs_pruned),
+        macs_ratio=f"{info.macs_pruned / info.macs_dense:.3f}",
+        macs_dense_noattn=_human(info.macs_dense_noattn),
+        macs_pruned_noattn=_human(info.macs_pruned_noattn),
+        macs_noattn_ratio=f"{info.macs_pruned_noattn / info.macs_dense_noattn:.3f}",
+        layout_description=layout_description,
+        grid_path=info.grid_path,
+        grid_sampler=info.grid_sampler,
+        loading_snippet=loading_snippet(info.layout, repo_id),
+        loading_note=loading_note(info.layout),
+        resolution=info.resolution,
+        metrics_section=metrics_section,
+        dataset_display=f"`{info.dataset}`",
+        criterion=info.criterion,
+        criterion_note=" (gradient flow: units whose removal most increases the gradient norm go first)" if info.criterion == "gradient_flow" else "",
+        target_description=info.target_description,
+        sparsity=f"{info.sparsity:.4g}",
+        layout=info.layout,
+        soft_steps=info.soft_steps,
+        pruning_steps=info.pruning_steps,
+        rescore_every=info.rescore_every,
+        sparsity_schedule=info.sparsity_schedule,
+        mask_schedule=info.mask_schedule,
+        max_train_steps=info.max_train_steps,
+        reembedding_line=reembedding_line,
+        hyperparameters=hyper or "-",
+    )
+
+
+def check_folder_complete(folder: str) -> None:
+    missing = [f for f in REQUIRED_FILES if not os.path.isfile(os.path.join(folder, f))]
+    weights = os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors")
+    if not os.path.isfile(weights):
+        missing.append("unet/diffusion_pytorch_model.safetensors")
+    if missing:
+        raise ValueError(f"{folder} is not a finished pipeline folder (missing {missing}); nothing was pushed.")
+
+
+def push_folder(folder: str, repo_id: str, token: Optional[str] = None, private: bool = False, commit_message: Optional[str] = None) -> str:
+    """Create the repo if needed and upload the finished folder (no checkpoints, logs or hidden files).
+
+    Returns the commit URL. The token goes to huggingface_hub only.
+    """
+    from huggingface_hub import create_repo, upload_folder
+
+    check_folder_complete(folder)
+    repo = create_repo(repo_id, token=token, private=private, exist_ok=True)
+    commit = upload_folder(
+        repo_id=repo.repo_id,
+        folder_path=folder,
+        token=token,
+        ignore_patterns=PUSH_IGNORE_PATTERNS,
+        commit_message=commit_message or "Upload pruned pipeline (diffusers-gfprune)",
+    )
+    return str(commit)
