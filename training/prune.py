@@ -320,11 +320,49 @@ def main(argv=None):
         with open(os.path.join(args.output_dir, "pruning_summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
         accelerator.print(json.dumps({k: summary[k] for k in ("dense", "pruned", "final_loss", "wall_seconds")}, indent=2))
+        write_model_card(args, source, data_config, config, summary)
         if args.push_to_hub:
             from diffusers_gfprune.hub import push_folder
 
             push_folder(args.output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo)
     accelerator.end_training()
+
+
+def write_model_card(args, source, data_config, config, summary, metrics=()):
+    """README.md of the output folder, from model_card_template.md."""
+    from diffusers_gfprune.hub import CardInfo, make_model_card
+
+    on_hub = not os.path.isdir(source.path)
+    dataset = args.dataset_name or args.train_data_dir
+    target = (f"{args.target_macs:.0%} of the dense MACs (unit sparsity {args.target_sparsity:.4g})"
+              if args.target_macs is not None else f"unit sparsity {args.target_sparsity:.4g}")
+    hyper = {k: getattr(args, k) for k in ("train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler",
+                                          "lr_warmup_steps", "max_train_steps", "use_ema", "ema_max_decay", "seed", "mixed_precision",
+                                          "score_batches", "score_ema", "hvp")}
+    info = CardInfo(
+        repo_name=os.path.basename(os.path.normpath(args.hub_model_id or args.output_dir)),
+        repo_id=args.hub_model_id or os.path.normpath(args.output_dir),
+        base_model=source.path if on_hub else os.path.basename(os.path.normpath(source.path)),
+        base_model_on_hub=on_hub,
+        dataset=dataset,
+        dataset_on_hub=bool(args.dataset_name) and "/" in args.dataset_name and not os.path.exists(args.dataset_name),
+        criterion=args.criterion,
+        layout=args.layout,
+        target_description=target,
+        sparsity=args.target_sparsity,
+        params_dense=summary["dense"]["params"], params_pruned=summary["pruned"]["params"],
+        macs_dense=summary["dense"]["macs"], macs_pruned=summary["pruned"]["macs"],
+        macs_dense_noattn=summary["dense"]["macs_without_attention"], macs_pruned_noattn=summary["pruned"]["macs_without_attention"],
+        resolution=data_config.resolution,
+        soft_steps=config.soft_steps, pruning_steps=config.pruning_steps, rescore_every=config.rescore_every,
+        sparsity_schedule=config.sparsity_schedule, mask_schedule=config.mask_schedule,
+        max_train_steps=args.max_train_steps,
+        hyperparameters=hyper,
+        metrics=list(metrics),
+        time_reembedding_error=summary["time_reembedding_error"],
+        grid_sampler=f"DDIM, {args.num_inference_steps} steps, eta 0",
+    )
+    make_model_card(info).save(os.path.join(args.output_dir, "README.md"))
 
 
 def _stats(unet, sample_size):
