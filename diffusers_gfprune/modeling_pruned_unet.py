@@ -259,8 +259,11 @@ def save_pruned_pipeline(
     Every `PrunedUNet2DModel` component `<name>` gets a copy of this file as `<name>/modeling_pruned_unet.py`, and
     `model_index.json` declares it as `["modeling_pruned_unet", "PrunedUNet2DModel"]`. Any process can then load the
     folder with `DiffusionPipeline.from_pretrained(save_directory, trust_remote_code=True)` (diffusers refuses
-    without `trust_remote_code=True`). The folder is written next to `save_directory` and renamed into place at the
-    end, so an interrupted save leaves no half-written pipeline; an existing `save_directory` is replaced.
+    without `trust_remote_code=True`). A pipeline whose class is not from diffusers (e.g. `GFPruneDDPMPipeline`) is
+    shipped the same way: a copy of its (self-contained) source file as `<module>.py` at the root of the folder, and
+    `"_class_name": ["<module>", "<class>"]` in `model_index.json`. The folder is written next to `save_directory`
+    and renamed into place at the end, so an interrupted save leaves no half-written pipeline; an existing
+    `save_directory` is replaced.
 
     Parameters
     ----------
@@ -289,6 +292,14 @@ def save_pruned_pipeline(
             module_name = os.path.splitext(os.path.basename(source))[0]
             shutil.copyfile(source, os.path.join(tmp_dir, name, module_name + ".py"))
             model_index[name] = [module_name, type(component).__name__]
+        pipeline_class = type(pipeline)
+        if pipeline_class.__module__.split(".")[0] != "diffusers":
+            # A pipeline class from outside diffusers ships as code at the root of the folder; diffusers loads it
+            # (with trust_remote_code=True) when `_class_name` is [module, class] and `<module>.py` is there.
+            source = inspect.getsourcefile(pipeline_class)
+            module_name = os.path.splitext(os.path.basename(source))[0]
+            shutil.copyfile(source, os.path.join(tmp_dir, module_name + ".py"))
+            model_index["_class_name"] = [module_name, pipeline_class.__name__]
         with open(index_path, "w", encoding="utf-8") as f:
             f.write(json.dumps(model_index, indent=2, sort_keys=True) + "\n")
 
