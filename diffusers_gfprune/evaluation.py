@@ -33,6 +33,11 @@ Digit recognition
     :func:`digits_accuracy` runs the shipped classifier on generated images: predicted-label
     distribution, mean confidence, fraction recognized with confidence > 0.9.
 
+A pruned model against its teacher
+    :func:`evaluate_against_teacher` puts these together for the prune script and the model card:
+    SSIM to the teacher, and FID/KID of both models under one protocol, with what could not be
+    computed listed with its reason.
+
 Throughput
     :func:`measure_throughput` times UNet forward passes (the cost of one sampling step);
     :func:`compare_throughput` times two models in the same process, interleaved, and reports
@@ -76,6 +81,10 @@ __all__ = [
     "ThroughputComparison",
     "measure_throughput",
     "compare_throughput",
+    "FID_CHOICES",
+    "Metric",
+    "TeacherComparison",
+    "evaluate_against_teacher",
 ]
 
 DIGITS_FEATURE_EXTRACTOR = "digits-classifier"
@@ -1041,3 +1050,191 @@ def compare_throughput(
         dense=dense_result,
         pruned=pruned_result,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# A pruned model against its teacher (what the prune script reports and the card shows)
+# --------------------------------------------------------------------------------------------
+
+FID_CHOICES = ("auto", DIGITS_FEATURE_EXTRACTOR, INCEPTION_FEATURE_EXTRACTOR, "none")
+
+
+@dataclass
+class Metric:
+    """One measured number, with how it was measured (a row of the card and an ``eval_results`` entry)."""
+
+    key: str  # machine name, e.g. "fid_digits_classifier"
+    name: str  # shown to people, e.g. "FID (digits classifier features)"
+    value: float
+    how: str
+    dataset_name: str = "digits"
+    dataset_type: str = "sklearn-digits"
+
+
+@dataclass
+class TeacherComparison:
+    """What :func:`evaluate_against_teacher` measured, and what it could not measure and why."""
+
+    metrics: list  # of Metric
+    not_computed: list  # of (metric name, reason)
+    teacher_images: torch.Tensor
+    pruned_images: torch.Tensor
+    details: dict
+
+    def as_dict(self) -> dict:
+        return {
+            "metrics": [asdict(m) for m in self.metrics],
+            "not_computed": [{"metric": name, "reason": reason} for name, reason in self.not_computed],
+            "details": self.details,
+        }
+
+
+def evaluate_against_teacher(
+    teacher_unet,
+    pruned_unet,
+    scheduler,
+    num_images: int,
+    num_inference_steps: int = 100,
+    seed: int = 0,
+    fid: str = "auto",
+    digits: bool = False,
+    reference_images: Optional[torch.Tensor] = None,
+    dataset_name: str = "digits",
+    inception_weights: Optional[Union[str, os.PathLike]] = None,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> TeacherComparison:
+    """Sample teacher and pruned model from the same noise and measure how far apart they are.
+
+    Always: SSIM of each pruned image to the teacher's image from the same noise (DDIM, eta 0).
+    FID/KID of the pruned model AND of the teacher, under the same protocol (so the gap is what the
+    pruning cost, whatever the sample count does to the absolute numbers):
+
+    * ``digits=True`` (the built-in digits): in the shipped digits classifier's features, against the
+      held-out test digits, plus the FID of as many real training digits (the floor at this sample
+      count) and the fraction of samples the classifier recognizes.
+    * otherwise, ``fid="inception"`` or ``"auto"``: Inception FID against ``reference_images`` (real
+      training images). When the Inception weights are not available, the FID is listed in
+      ``not_computed`` with the reason (``fid="inception"`` raises instead); nothing stands in for it.
+
+    Parameters
+    ----------
+    teacher_unet, pruned_unet : diffusers.UNet2DModel
+        The dense teacher and the pruned model.
+    scheduler : diffusers.SchedulerMixin
+        The teacher's scheduler (its config makes the DDIM sampler).
+    num_images : int
+        Image pairs to sample (at least 2 for FID/KID).
+    num_inference_steps : int, default 100
+        DDIM steps.
+    seed : int, default 0
+        Seed of the initial noise.
+    fid : str, default "auto"
+        One of :data:`FID_CHOICES`.
+    digits : bool, default False
+        The models were trained on the built-in digits.
+    reference_images : torch.Tensor, optional
+        Real images (B, C, H, W) in [0, 1] or uint8, for Inception FID on other data.
+    dataset_name : str, default "digits"
+        The data set's name for ``eval_results``.
+    inception_weights : str, optional
+        Path of torch-fidelity's Inception-v3 weights (see :func:`compute_fid_kid`).
+    batch_size : int, default 64
+        Images per sampling batch.
+    progress : bool, default True
+        Show a progress bar over the sampling batches.
+
+    Returns
+    -------
+    TeacherComparison
+    """
+    if fid not in FID_CHOICES:
+        raise ValueError(f"fid={fid!r}; choose one of {list(FID_CHOICES)}.")
+    if num_images < 2:
+        raise ValueError(f"num_images must be >= 2 (SSIM needs pairs, FID a spread), got {num_images}.")
+    if fid == DIGITS_FEATURE_EXTRACTOR and not digits:
+        raise ValueError(
+            f"fid='{DIGITS_FEATURE_EXTRACTOR}' measures the built-in digits only; use fid='{INCEPTION_FEATURE_EXTRACTOR}' "
+            "(or 'auto') for other data."
+        )
+    from tqdm.auto import tqdm
+
+    teacher_parts, pruned_parts = [], []
+    batches = range(0, num_images, batch_size)
+    for start in tqdm(batches, desc="evaluation samples", disable=not progress):
+        count = min(batch_size, num_images - start)
+        # One seed per batch: the pairs match, and the images do not depend on how many batches came before.
+        t, p = paired_samples(teacher_unet, pruned_unet, scheduler, count, num_inference_steps, seed=seed + start, batch_size=count)
+        teacher_parts.append(t)
+        pruned_parts.append(p)
+    teacher_images, pruned_images = torch.cat(teacher_parts), torch.cat(pruned_parts)
+    sampler = f"{num_images} images, DDIM {num_inference_steps} steps (eta 0), seed {seed}"
+    kind = {"dataset_name": dataset_name, "dataset_type": "sklearn-digits" if digits else dataset_name}
+
+    metrics = [Metric("ssim_vs_teacher", "SSIM to the teacher (same noise)", ssim_vs_teacher(teacher_images, pruned_images),
+                      f"mean SSIM (torchmetrics, 11x11 Gaussian window) of each pruned sample to the teacher's sample from "
+                      f"the same initial noise; {sampler}; 1 = identical", **kind)]
+    not_computed = []
+    details = {"num_images": num_images, "num_inference_steps": num_inference_steps, "seed": seed}
+
+    extractor = None
+    if fid == "auto":
+        extractor = DIGITS_FEATURE_EXTRACTOR if digits else INCEPTION_FEATURE_EXTRACTOR
+    elif fid != "none":
+        extractor = fid
+    if fid == "none":
+        not_computed.append(("FID/KID", "switched off (fid='none')"))
+
+    if digits and extractor == DIGITS_FEATURE_EXTRACTOR:
+        resolution = int(teacher_images.shape[-1])
+        reference = digits_reference("test", resolution)
+        real = digits_reference("train", resolution, max_samples=num_images)
+        kid_size = min(num_images, len(reference)) // 2
+        common = dict(feature_extractor=DIGITS_FEATURE_EXTRACTOR, kid_subset_size=kid_size)
+        scores = {
+            "pruned": compute_fid_kid(pruned_images, reference, **common),
+            "teacher": compute_fid_kid(teacher_images, reference, **common),
+            "real": compute_fid_kid(real.images, reference, **common),
+        }
+        details["fid_digits_classifier"] = scores
+        how = (f"Fréchet distance in the shipped digits classifier's 64-d features (NOT Inception) to the "
+               f"{len(reference)} held-out test digits; {sampler}; KID subsets of {kid_size}")
+        metrics += [
+            Metric("fid_digits_classifier", "FID, digits classifier features", scores["pruned"]["fid_digits_classifier"], how, **kind),
+            Metric("fid_digits_classifier_teacher", "FID of the teacher, same protocol",
+                   scores["teacher"]["fid_digits_classifier"], how, **kind),
+            Metric("fid_digits_classifier_real", "FID of real training digits, same protocol (the floor)",
+                   scores["real"]["fid_digits_classifier"], f"{len(real)} real training digits instead of samples; " + how, **kind),
+            Metric("kid_digits_classifier", "KID, digits classifier features", scores["pruned"]["kid_digits_classifier_mean"], how, **kind),
+        ]
+        recognized = {"pruned": digits_accuracy(pruned_images), "teacher": digits_accuracy(teacher_images)}
+        details["digits_recognition"] = recognized
+        how = f"fraction of samples the shipped digits classifier labels with confidence > 0.9; {sampler}"
+        metrics += [
+            Metric("digits_recognized", "samples recognized as digits", recognized["pruned"]["recognized_fraction"], how, **kind),
+            Metric("digits_recognized_teacher", "teacher samples recognized as digits",
+                   recognized["teacher"]["recognized_fraction"], how, **kind),
+        ]
+    elif extractor == INCEPTION_FEATURE_EXTRACTOR:
+        if reference_images is None:
+            raise ValueError("Inception FID needs reference_images (real images of the training data).")
+        try:
+            common = dict(feature_extractor=INCEPTION_FEATURE_EXTRACTOR, inception_weights=inception_weights)
+            scores = {
+                "pruned": compute_fid_kid(pruned_images, reference_images, **common),
+                "teacher": compute_fid_kid(teacher_images, reference_images, **common),
+            }
+        except InceptionWeightsUnavailableError as error:
+            if fid != "auto":
+                raise
+            not_computed.append(("Inception FID/KID", str(error)))
+        else:
+            details["fid_inception"] = scores
+            how = (f"Inception-v3 (torch-fidelity) FID against {len(reference_images)} real training images; {sampler}; "
+                   "far fewer samples than the usual 50k, so compare only with the teacher's number beside it")
+            metrics += [
+                Metric("fid_inception", "FID (Inception-v3)", scores["pruned"]["fid_inception"], how, **kind),
+                Metric("fid_inception_teacher", "FID of the teacher, same protocol", scores["teacher"]["fid_inception"], how, **kind),
+                Metric("kid_inception", "KID (Inception-v3)", scores["pruned"]["kid_inception_mean"], how, **kind),
+            ]
+    return TeacherComparison(metrics, not_computed, teacher_images, pruned_images, details)

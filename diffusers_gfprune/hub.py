@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
+
+from .evaluation import Metric  # noqa: F401  (a card row; defined with the measurements)
 
 TEMPLATE_NAME = "model_card_template.md"
 # What never goes to the Hub: resumable checkpoints, tracker logs, temporary and hidden files.
@@ -29,18 +31,6 @@ def template_path() -> str:
         if os.path.isfile(path):
             return path
     raise FileNotFoundError(f"{TEMPLATE_NAME} not found in {candidates}; reinstall diffusers-gfprune.")
-
-
-@dataclass
-class Metric:
-    """One measured number, with how it was measured (shown in the card and in ``eval_results``)."""
-
-    key: str  # machine name, e.g. "fid_digits_classifier"
-    name: str  # shown to people, e.g. "FID (digits classifier features)"
-    value: float
-    how: str
-    dataset_name: str = "digits"
-    dataset_type: str = "sklearn-digits"
 
 
 @dataclass
@@ -71,6 +61,8 @@ class CardInfo:
     max_train_steps: int
     hyperparameters: Dict[str, object] = field(default_factory=dict)
     metrics: List[Metric] = field(default_factory=list)
+    not_computed: List[Tuple[str, str]] = field(default_factory=list)  # (metric, why it was not computed)
+    extra_images: List[Tuple[str, str]] = field(default_factory=list)  # (path in the folder, caption)
     time_reembedding_error: Optional[float] = None
     grid_path: str = "teacher_vs_pruned.png"
     grid_sampler: str = "DDIM, 100 steps, eta 0"
@@ -141,6 +133,10 @@ def make_model_card(info: CardInfo):
         metrics_section = "| metric | value | how it was measured |\n|---|---:|---|\n" + rows
     else:
         metrics_section = "No quality metric was computed for this run."
+    if info.not_computed:
+        metrics_section += "\n\nNot computed:\n" + "\n".join(f"- {name}: {why}" for name, why in info.not_computed)
+    for path, caption in info.extra_images:
+        metrics_section += f"\n\n![{caption}]({path})\n\n*{caption}*"
     hyper = "\n".join(f"- `{k}`: {v}" for k, v in info.hyperparameters.items())
     layout_description = (
         "plain `UNet2DModel` (stock layout): the same fraction of every unit family was kept, so it loads anywhere."

@@ -136,13 +136,51 @@ def create_accelerator(args, split_batches: bool = True):
             logger.warning("tensorboard is not installed; logging to no tracker (pip install tensorboard).")
             report_to = None
     project = ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir))
-    return Accelerator(
+    accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=report_to,
         project_config=project,
         dataloader_config=DataLoaderConfiguration(split_batches=split_batches),
     )
+    check_launch(accelerator.num_processes)
+    return accelerator
+
+
+def check_launch(num_processes: int, environ=None) -> None:
+    """Refuse a launch that asked for several processes but got a single-process accelerate state.
+
+    Two ways to get there with ``accelerate launch`` (1.x) on a machine without GPUs:
+
+    * ``--cpu --num_processes N`` starts ONE process (several CPU processes need an MPI hostfile);
+      the run would silently use 1/N of the intended global batch.
+    * ``--multi_gpu --num_processes N`` starts N processes (torchrun) but, with no GPU and no
+      ``ACCELERATE_USE_CPU``, each sets up a single-process state: N copies of the whole run, all
+      writing the same output folder.
+    """
+    env = os.environ if environ is None else environ
+    if num_processes > 1:
+        return
+    world = max(int(env.get(name, "1") or 1) for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"))
+    fix = (
+        "On a machine without GPUs, start N CPU processes with "
+        "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N ...`; for one process, "
+        "drop --num_processes (or pass --num_processes 1)."
+    )
+    if world > 1:
+        raise RuntimeError(
+            f"The launcher started {world} processes (WORLD_SIZE={world}), but accelerate set up a single-process run "
+            "in each (no GPU for --multi_gpu?), so every process would train alone and write the same output folder. "
+            + fix + " On GPUs, check that torch sees them (torch.cuda.device_count())."
+        )
+    use_cpu = str(env.get("ACCELERATE_USE_CPU", "")).lower() in ("1", "true", "yes")
+    if use_cpu and env.get("MASTER_ADDR"):
+        # accelerate's simple launcher sets MASTER_ADDR only when asked for several processes or machines.
+        raise RuntimeError(
+            "`accelerate launch --cpu --num_processes N` (N > 1) starts a single process unless an MPI hostfile "
+            "is given (--mpirun_hostfile), so this run would use 1 process and 1/N of the intended global batch. "
+            + fix
+        )
 
 
 def create_optimizer(model, args):
@@ -179,6 +217,35 @@ def create_ema(model, args):
         model_cls=type(model),
         model_config=model.config,
     )
+
+
+EMA_SETTINGS = ("decay", "min_decay", "optimization_step", "update_after_step", "use_ema_warmup", "inv_gamma", "power")
+
+
+def load_ema(ema, path: str, model_cls) -> None:
+    """Load into ``ema`` what ``EMAModel.save_pretrained(path)`` wrote: the averaged weights (safetensors) and the
+    EMA settings, which it stores among the model's config keys.
+
+    ``EMAModel.from_pretrained`` does the same but passes the folder to ``from_config`` (deprecated by diffusers)
+    and builds the model from a config with keys it does not expect (a warning per load).
+    """
+    from safetensors.torch import load_file
+
+    config = dict(model_cls.load_config(path))
+    settings = {k: config.pop(k) for k in EMA_SETTINGS if k in config}
+    weights = load_file(os.path.join(path, "diffusion_pytorch_model.safetensors"))
+    names = [name for name, _ in ema_parameter_names(model_cls, config)]
+    missing = [n for n in names if n not in weights]
+    if missing:
+        raise ValueError(f"{path} does not hold the EMA weights of a {model_cls.__name__} (missing {missing[:3]}).")
+    ema.load_state_dict({**settings, "shadow_params": [weights[n] for n in names]})
+
+
+def ema_parameter_names(model_cls, config: dict):
+    """(name, shape) of the parameters of ``model_cls(**config)`` in ``parameters()`` order, without allocating them."""
+    with torch.device("meta"):
+        model = model_cls.from_config(config)
+    return [(name, tuple(p.shape)) for name, p in model.named_parameters()]
 
 
 # ---------------------------------------------------------------------- checkpoints
@@ -318,16 +385,23 @@ def ema_model(model, ema):
     return copied
 
 
-def save_pipeline_into(pipeline, output_dir: str) -> None:
+def save_pipeline_into(pipeline, output_dir: str, pruning_info: Optional[dict] = None) -> None:
     """Save ``pipeline`` at the root of ``output_dir`` (beside checkpoints, samples, logs).
 
     The pipeline is written completely to a temporary folder first; only then are its files moved
-    into place, so an interrupted save never leaves a half-written pipeline.
+    into place, so an interrupted save never leaves a half-written pipeline. With ``pruning_info``
+    it is saved as the published variant (``GFPruneDDPMPipeline`` with its code; see
+    :mod:`diffusers_gfprune.publish`), otherwise as the pipeline it is (a plain ``DDPMPipeline``).
     """
     from .modeling_pruned_unet import save_pruned_pipeline
 
     staging = os.path.join(output_dir, ".pipeline-staging")
-    save_pruned_pipeline(pipeline, staging)
+    if pruning_info is not None:
+        from .publish import save_gfprune_pipeline
+
+        save_gfprune_pipeline(pipeline.unet, pipeline.scheduler, pruning_info, staging)
+    else:
+        save_pruned_pipeline(pipeline, staging)
     for name in os.listdir(staging):
         target = os.path.join(output_dir, name)
         if os.path.isdir(target):

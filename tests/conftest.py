@@ -105,3 +105,50 @@ def fake_hub(fake_hub_server, tmp_path, monkeypatch):
     _point_huggingface_hub_at(fake_hub_server, monkeypatch)
     yield fake_hub_server
     assert not fake_hub_server.server_errors, "the fake hub crashed:\n" + "\n".join(fake_hub_server.server_errors)
+
+
+# ---------------------------------------------------------------------- the training scripts and a tiny teacher
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY_TEACHER_ARGS = [
+    "--sample_size", "16", "--block_out_channels", "16", "32", "--norm_num_groups", "8", "--layers_per_block", "1",
+    "--max_train_steps", "2", "--train_batch_size", "8", "--checkpointing_steps", "100", "--validation_steps", "100",
+    "--num_inference_steps", "2", "--num_validation_images", "2", "--report_to", "none",
+]
+
+
+def load_script(name: str):
+    """``training/<name>.py`` as a module (the folder is not a package), loaded once per session."""
+    import importlib.util
+
+    module_name = f"_gfprune_script_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, os.path.join(REPO_ROOT, "training", f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory):
+    """A tiny digits DDPM teacher trained for 2 steps by ``training/train_ddpm.py`` (1 channel, 16 px,
+    block_out_channels (16, 32), 8 GroupNorm groups, so its units come in eighths).
+
+    Returns a dict: ``pipeline`` (a DDPMPipeline folder) and ``unet`` (a folder holding the bare UNet2DModel).
+    """
+    import shutil
+
+    import torch
+
+    root = tmp_path_factory.mktemp("tiny_teacher")
+    pipeline = root / "pipeline"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny convolutions: a second thread only contends with whatever else runs
+    try:
+        load_script("train_ddpm").main(["--dataset_name", "digits", "--output_dir", str(pipeline), *TINY_TEACHER_ARGS])
+    finally:
+        torch.set_num_threads(threads)
+    bare = root / "bare_unet"
+    shutil.copytree(pipeline / "unet", bare)
+    return {"pipeline": str(pipeline), "unet": str(bare)}

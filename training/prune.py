@@ -20,6 +20,7 @@ import math
 import os
 import sys
 import time
+import warnings
 
 import torch
 from accelerate.logging import get_logger
@@ -27,10 +28,11 @@ from accelerate.utils import set_seed
 from diffusers import DDIMScheduler, DDPMPipeline, UNet2DModel
 from tqdm.auto import tqdm
 
-from diffusers_gfprune import data, export, training
+from diffusers_gfprune import data, evaluation, export, training
 from diffusers_gfprune.counting import count_mac_breakdown, count_parameters
 from diffusers_gfprune.criteria import CRITERIA, get_criterion
 from diffusers_gfprune.modeling_pruned_unet import PrunedUNet2DModel
+from diffusers_gfprune.plotting import plot_pruning_run
 from diffusers_gfprune.pruner import GradientFlowPruner, PrunerConfig
 from diffusers_gfprune.sampling import comparison_grid, sample_images
 from diffusers_gfprune.teacher import load_teacher, resolve_teacher
@@ -69,15 +71,25 @@ def parse_args(argv=None):
     p.add_argument("--score_batch_size", type=int, default=None, help="Images per scoring mini-batch (default: train_batch_size).")
     p.add_argument("--hvp", type=str, default="exact", choices=["exact", "finite_difference"], help="gradient_flow: how H g is computed.")
     p.add_argument("--min_keep_fraction", type=float, default=0.1, help="per-layer: every family keeps at least this fraction.")
+    e = parser.add_argument_group("evaluation (at the end of the run; the numbers go into the card)")
+    e.add_argument("--num_eval_images", type=int, default=300,
+                   help="Image pairs (teacher, pruned) sampled from the same noise for SSIM and FID/KID; 0 skips the evaluation.")
+    e.add_argument("--eval_fid", type=str, default="auto", choices=evaluation.FID_CHOICES,
+                   help="FID/KID features: 'auto' = the digits classifier for the built-in digits, Inception-v3 otherwise "
+                        "(listed as not computed when its weights are unavailable).")
+    e.add_argument("--inception_weights", type=str, default=None,
+                   help="Path of torch-fidelity's Inception-v3 weights file, for Inception FID offline.")
     return parser.parse_args(argv)
 
 
 def pruning_config(args) -> PrunerConfig:
     soft = args.soft_steps if args.soft_steps is not None else max(1, round(0.1 * args.max_train_steps))
     pruning = args.pruning_steps if args.pruning_steps is not None else max(soft + 1, round(0.2 * args.max_train_steps))
-    if pruning > args.max_train_steps:
+    if pruning >= args.max_train_steps:
+        # The model is exported after step M (global_step > pruning_steps), so M < max_train_steps.
         raise ValueError(
-            f"The pruning stage (--pruning_steps {pruning}) must fit in --max_train_steps {args.max_train_steps}; "
+            f"The pruning stage (--pruning_steps {pruning}) must end before --max_train_steps {args.max_train_steps} "
+            "(the slim model is exported after step pruning_steps and fine-tuned for the remaining steps); "
             "lower the phase lengths or train longer."
         )
     return PrunerConfig(
@@ -106,6 +118,15 @@ def validate(args):
         raise ValueError(f"--target_macs is a fraction of the dense MACs in (0, 1], got {args.target_macs}.")
     if args.score_batches < 1:
         raise ValueError("--score_batches must be >= 1.")
+    if args.num_eval_images == 1 or args.num_eval_images < 0:
+        raise ValueError(f"--num_eval_images must be 0 (no evaluation) or at least 2, got {args.num_eval_images}.")
+    if args.eval_fid == evaluation.DIGITS_FEATURE_EXTRACTOR and args.dataset_name != "digits":
+        raise ValueError(
+            f"--eval_fid {evaluation.DIGITS_FEATURE_EXTRACTOR} measures the built-in digits only (--dataset_name digits); "
+            "use --eval_fid auto or inception-v3-compat for other data."
+        )
+    if args.inception_weights is not None and not os.path.isfile(args.inception_weights):
+        raise ValueError(f"--inception_weights {args.inception_weights!r} is not a file.")
     source = resolve_teacher(args.pretrained_model_name_or_path, args.revision, args.cache_dir, args.hub_token)
     in_channels = source.unet_config.get("in_channels", 3)
     resolution = args.resolution or source.unet_config.get("sample_size")
@@ -117,30 +138,51 @@ def validate(args):
     data.validate_data_source(data_config, in_channels)
     if args.target_sparsity is None and args.target_macs is None:
         args.target_macs = 0.5
-    if args.target_sparsity is not None:
-        pruning_config(args)  # phase lengths
-    else:
-        pruning_config(argparse.Namespace(**{**vars(args), "target_sparsity": 0.0}))
-    return source, data_config, criterion
+    # The units, the MACs target and the stock grid need only the teacher's config (a model on the meta device).
+    units = find_units(_meta_model(source.unet_config))
+    if args.target_sparsity is None:
+        args.target_sparsity, _ = export.sparsity_for_macs(_meta_model(source.unet_config), units, args.target_macs)
+    if args.layout == "stock":
+        export.stock_keep_ratio(units, args.target_sparsity)  # a clear error if the layout cannot meet it
+    pruning_config(args)  # phase lengths
+    training.resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)  # a missing checkpoint folder
+    # Image data sets reveal their channel count only when loaded (their first image); the data set is kept for main.
+    dataset = data.load_train_dataset(data_config, in_channels)
+    return source, data_config, criterion, dataset
+
+
+def _load_slim(cls, checkpoint: str):
+    """The exported model of a checkpoint, built from its config as the export builds it.
+
+    ``from_pretrained`` alone would record the checkpoint folder as ``_name_or_path`` in the config, which
+    then ends up in the saved pipeline (a local path, and a config that differs from an uninterrupted run's).
+    """
+    loaded = cls.from_pretrained(checkpoint, subfolder="unet")
+    model = cls(**{k: v for k, v in loaded.config.items() if not k.startswith("_")})
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    return model
+
+
+def _meta_model(config: dict):
+    """The teacher's architecture, without weights (on the meta device)."""
+    cls = PrunedUNet2DModel if config.get("_class_name") == "PrunedUNet2DModel" else UNet2DModel
+    with torch.device("meta"):
+        return cls.from_config(config)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    source, data_config, criterion = validate(args)
+    source, data_config, criterion, dataset = validate(args)
     started = time.time()
+    accelerator = training.create_accelerator(args)  # cheap; refuses a launch that did not give the processes asked for
 
     teacher, noise_scheduler = load_teacher(source, args.cache_dir, args.hub_token)
     teacher.eval().requires_grad_(False)
     units = find_units(teacher)
-    if args.target_sparsity is None:
-        args.target_sparsity, _ = export.sparsity_for_macs(teacher, units, args.target_macs)
-    if args.layout == "stock":
-        export.stock_keep_ratio(units, args.target_sparsity)  # a clear error if the layout cannot meet it
     config = pruning_config(args)
     in_channels = teacher.config.in_channels
     sample_size = data_config.resolution
 
-    accelerator = training.create_accelerator(args)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     set_seed(args.seed)
 
@@ -165,15 +207,16 @@ def main(argv=None):
         pruner = GradientFlowPruner(student, units, config, criterion)
     else:
         slim_cls = UNet2DModel if args.layout == "stock" else PrunedUNet2DModel
-        student = slim_cls.from_pretrained(resume, subfolder="unet").train()
+        student = _load_slim(slim_cls, resume).train()
 
-    dataset = data.load_train_dataset(data_config, in_channels)
     global_batch = args.train_batch_size * accelerator.num_processes
     dataloader = data.make_dataloader(dataset, global_batch, seed=args.seed, num_workers=args.dataloader_num_workers)
     shuffle_generator = dataloader.generator
     noise = training.GlobalBatchNoise(args.seed, accelerator.num_processes, accelerator.process_index)
 
-    state = {"stage": stage}
+    # "masks": the final binary masks (1 = keep) once the pruning stage is over; saved in every later checkpoint.
+    # "history": per-step loss/sparsity for the curves plot, kept in checkpoints so a resumed run plots the whole run.
+    state = {"stage": stage, "masks": None, "history": []}
     ema = training.create_ema(student, args) if args.use_ema else None
     optimizer = training.create_optimizer(student, args)
     lr_scheduler = training.create_lr_scheduler(optimizer, args, accelerator.num_processes)
@@ -187,20 +230,23 @@ def main(argv=None):
                 ema.save_pretrained(os.path.join(output_dir, "unet_ema"))
             if pruner is not None and state["stage"] == "pruning":
                 pruner.save(os.path.join(output_dir, "pruner"))
-            training.save_extra_state(output_dir, {"noise/generator": noise.state_dict()["generator"]}, {"stage": state["stage"]})
+            tensors = {"noise/generator": noise.state_dict()["generator"]}
+            tensors.update({f"masks/{k}": v for k, v in (state["masks"] or {}).items()})
+            training.save_extra_state(output_dir, tensors, {"stage": state["stage"], "history": state["history"]})
 
     def load_hook(models, input_dir):
         for _ in range(len(models)):
             m = accelerator.unwrap_model(models.pop())
             m.load_state_dict(type(m).from_pretrained(input_dir, subfolder="unet").state_dict())
         if ema is not None:
-            from diffusers.training_utils import EMAModel
-
-            ema.load_state_dict(EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), type(student)).state_dict())
+            training.load_ema(ema, os.path.join(input_dir, "unet_ema"), type(student))
         if pruner is not None and state["stage"] == "pruning":
             pruner.load(os.path.join(input_dir, "pruner"))
-        tensors, _ = training.load_extra_state(input_dir)
+        tensors, meta = training.load_extra_state(input_dir)
+        state["history"] = list(meta.get("history", []))
         noise.load_state_dict({"generator": tensors["noise/generator"]})
+        masks = {k[len("masks/"):]: v for k, v in tensors.items() if k.startswith("masks/")}
+        state["masks"] = masks or None
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
@@ -226,7 +272,7 @@ def main(argv=None):
     steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
     progress = tqdm(total=args.max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="prune")
     score_batch = args.score_batch_size or args.train_batch_size
-    history = []
+
     info = None
     loss_value = float("nan")
     pruning_seconds = 0.0
@@ -267,10 +313,12 @@ def main(argv=None):
             if info:
                 logs["mask_value"] = info["mask_value"]
             accelerator.log(logs, step=global_step)
-            history.append({"step": global_step, "loss": loss_value, "phase": phase, "sparsity": sparsity})
+            state["history"].append({"step": global_step, "loss": loss_value, "phase": phase, "sparsity": sparsity,
+                            "mask_value": info["mask_value"] if info else None})
 
             if state["stage"] == "pruning" and global_step > config.pruning_steps:
                 # End of the pruning stage: physically remove the masked units.
+                state["masks"] = {k: v.detach().cpu().contiguous() for k, v in pruner.final_masks().items()}
                 student, optimizer, lr_scheduler, ema = _export_and_rebuild(
                     accelerator, student, ema, pruner, units, args, global_step
                 )
@@ -298,29 +346,49 @@ def main(argv=None):
         if state["stage"] != "finetune":
             raise RuntimeError("The run ended before the pruning stage did; nothing to export.")
         unet = training.ema_model(accelerator.unwrap_model(student), ema).eval()
-        pipeline = DDPMPipeline(unet=unet, scheduler=noise_scheduler)
-        training.save_pipeline_into(pipeline, args.output_dir)
         images = sample_images(unet, ddim, fixed_noise, args.num_inference_steps)
         comparison_grid([teacher_images, images], ["teacher", "pruned"], scale=4).save(os.path.join(args.output_dir, "teacher_vs_pruned.png"))
+        plot_pruning_run(state["history"], os.path.join(args.output_dir, "pruning_curves.png"), config.soft_steps, config.pruning_steps,
+                         title=f"{args.criterion}, {args.layout} layout, unit sparsity {args.target_sparsity:.3g}")
+        comparison = _evaluate(args, teacher, unet, noise_scheduler, dataset, data_config)
+        pruned_stats = _stats(unet, sample_size)
         summary = {
             "teacher": source.path,
             "criterion": args.criterion,
             "layout": args.layout,
             "target_sparsity": args.target_sparsity,
             "target_macs": args.target_macs,
-            "pruner": vars(config) if not hasattr(config, "__dataclass_fields__") else {k: getattr(config, k) for k in config.__dataclass_fields__},
+            "pruner": {k: getattr(config, k) for k in config.__dataclass_fields__},
             "time_reembedding_error": reembedding.embedding_relative_error if reembedding else None,
             "dense": {"params": dense_stats["params"], "macs": dense_stats["macs"].total, "macs_without_attention": dense_stats["macs"].without_attention},
-            "pruned": _stats(unet, sample_size),
+            "pruned": pruned_stats,
             "final_loss": loss_value,
             "max_train_steps": args.max_train_steps,
-            "wall_seconds": time.time() - started,
+            "num_processes": accelerator.num_processes,
+            "global_batch_size": args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
             "pruning_criterion_seconds": pruning_seconds,
+            "evaluation": comparison.as_dict() if comparison else None,
         }
-        with open(os.path.join(args.output_dir, "pruning_summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        accelerator.print(json.dumps({k: summary[k] for k in ("dense", "pruned", "final_loss", "wall_seconds")}, indent=2))
-        write_model_card(args, source, data_config, config, summary)
+        pruning_info = None
+        if args.layout == "per-layer":  # published as the pipeline variant, which records what was pruned
+            pruning_info = {
+                "base_model": source.path if not os.path.isdir(source.path) else os.path.basename(os.path.normpath(source.path)),
+                "criterion": args.criterion, "sparsity": float(args.target_sparsity), "layout": args.layout,
+                "target_macs": args.target_macs,
+                "params": {"dense": summary["dense"]["params"], "pruned": pruned_stats["params"]},
+                "macs": {"dense": summary["dense"]["macs"], "pruned": pruned_stats["macs"]},
+                "metrics": {m.key: m.value for m in comparison.metrics} if comparison else {},
+            }
+        training.save_pipeline_into(DDPMPipeline(unet=unet, scheduler=noise_scheduler), args.output_dir, pruning_info)
+        _save_masks(state["masks"], units, args, os.path.join(args.output_dir, "pruning_masks.safetensors"))
+        summary["wall_seconds"] = time.time() - started
+        _write_json(summary, os.path.join(args.output_dir, "pruning_summary.json"))
+        shown = {k: summary[k] for k in ("dense", "pruned", "final_loss", "wall_seconds")}
+        if comparison:
+            shown["metrics"] = {m.key: round(m.value, 4) for m in comparison.metrics}
+            shown["not_computed"] = [name for name, _ in comparison.not_computed]
+        accelerator.print(json.dumps(shown, indent=2))
+        write_model_card(args, source, data_config, config, summary, comparison)
         if args.push_to_hub:
             from diffusers_gfprune.hub import push_folder
 
@@ -328,7 +396,33 @@ def main(argv=None):
     accelerator.end_training()
 
 
-def write_model_card(args, source, data_config, config, summary, metrics=()):
+def _evaluate(args, teacher, unet, scheduler, dataset, data_config):
+    """SSIM to the teacher and FID/KID of both (see evaluation.evaluate_against_teacher); None if switched off."""
+    if args.num_eval_images == 0:
+        return None
+    digits = data_config.dataset_name == "digits"
+    reference = None
+    if not digits and args.eval_fid != "none":
+        # Real training images for Inception FID: the first num_eval_images of the shuffled set (seeded).
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))[: args.num_eval_images]
+        reference = torch.stack([dataset[int(i)]["images"] for i in order]).add(1).div(2).clamp(0, 1)
+    logger.info("Evaluating %d image pairs (teacher, pruned) ...", args.num_eval_images)
+    return evaluation.evaluate_against_teacher(
+        teacher, unet, scheduler, args.num_eval_images, num_inference_steps=args.num_inference_steps, seed=args.seed,
+        fid=args.eval_fid, digits=digits, reference_images=reference,
+        dataset_name=args.dataset_name or os.path.basename(os.path.normpath(args.train_data_dir or "images")),
+        inception_weights=args.inception_weights,
+    )
+
+
+def _write_json(data, path):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+def write_model_card(args, source, data_config, config, summary, comparison=None):
     """README.md of the output folder, from model_card_template.md."""
     from diffusers_gfprune.hub import CardInfo, make_model_card
 
@@ -358,11 +452,27 @@ def write_model_card(args, source, data_config, config, summary, metrics=()):
         sparsity_schedule=config.sparsity_schedule, mask_schedule=config.mask_schedule,
         max_train_steps=args.max_train_steps,
         hyperparameters=hyper,
-        metrics=list(metrics),
+        metrics=list(comparison.metrics) if comparison else [],
+        not_computed=list(comparison.not_computed) if comparison else [("all quality metrics", "switched off (--num_eval_images 0)")],
+        extra_images=[("pruning_curves.png", "Loss, sparsity s_t and mask value p_t per step; dotted: end of the soft phase, dashed: export")],
         time_reembedding_error=summary["time_reembedding_error"],
         grid_sampler=f"DDIM, {args.num_inference_steps} steps, eta 0",
     )
-    make_model_card(info).save(os.path.join(args.output_dir, "README.md"))
+    path = os.path.join(args.output_dir, "README.md")
+    make_model_card(info).save(f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
+
+
+def _save_masks(masks, units, args, path):
+    """The final binary unit masks of the dense teacher (1 = kept), one tensor per unit family."""
+    from safetensors.torch import save_file
+
+    if masks is None:  # resumed from a checkpoint written before the masks were kept in checkpoints
+        logger.warning("The final masks are not known in this run; %s is not written.", path)
+        return
+    metadata = {"layout": args.layout, "target_sparsity": repr(args.target_sparsity), "criterion": args.criterion,
+                "families": json.dumps([f.name for f in units]), "format": "1 = unit kept, 0 = unit pruned"}
+    save_file({k: masks[k].float().contiguous() for k in masks}, path, metadata=metadata)
 
 
 def _stats(unet, sample_size):
@@ -385,8 +495,10 @@ def _export_and_rebuild(accelerator, student, ema, pruner, units, args, global_s
         new_ema.to(accelerator.device)
     optimizer = training.create_optimizer(slim, args)
     lr_scheduler = training.create_lr_scheduler(optimizer, args, accelerator.num_processes)
-    for _ in range(global_step * accelerator.num_processes):
-        lr_scheduler.step()
+    with warnings.catch_warnings():  # fast-forwarding a fresh schedule to the current step, before any optimizer step
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before `optimizer.step()`")
+        for _ in range(global_step * accelerator.num_processes):
+            lr_scheduler.step()
     training.forget_prepared(accelerator)
     slim, optimizer, lr_scheduler = accelerator.prepare(slim, optimizer, lr_scheduler)
     return slim, optimizer, lr_scheduler, new_ema

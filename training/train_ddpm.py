@@ -112,9 +112,7 @@ def main(argv=None):
             loaded = UNet2DModel.from_pretrained(input_dir, subfolder="unet")
             accelerator.unwrap_model(m).load_state_dict(loaded.state_dict())
         if ema is not None:
-            from diffusers.training_utils import EMAModel
-
-            ema.load_state_dict(EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), UNet2DModel).state_dict())
+            training.load_ema(ema, os.path.join(input_dir, "unet_ema"), UNet2DModel)
         tensors, _ = training.load_extra_state(input_dir)
         noise.load_state_dict({"generator": tensors["noise/generator"]})
 

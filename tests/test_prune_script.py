@@ -1,0 +1,413 @@
+"""training/prune.py end to end on a tiny teacher: bad input, resume, and a two-process launch.
+
+The script runs in-process (``main(argv)``) except where the launcher itself is under test. The teacher
+(``tiny_teacher`` in conftest.py) is a 2-step digits DDPM with block_out_channels (16, 32) and 8 GroupNorm
+groups, so a whole prune run (12 steps at batch 4) takes seconds on a CPU.
+"""
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from .conftest import REPO_ROOT, load_script
+
+PRUNE_SCRIPT = os.path.join(REPO_ROOT, "training", "prune.py")
+
+# 12 steps: soft phase 0..3, hard phase 4..6, export after step 6, fine-tuning 7..12; a checkpoint every 2 steps.
+# 20 training images at a global batch of 4 give 5 steps per epoch, so the run (and every resume) crosses epochs.
+RUN_ARGS = [
+    "--max_train_steps", "12", "--soft_steps", "3", "--pruning_steps", "6", "--rescore_every", "1",
+    "--checkpointing_steps", "2", "--target_sparsity", "0.5", "--max_train_samples", "20",
+    "--num_inference_steps", "2", "--num_validation_images", "2", "--validation_steps", "100", "--report_to", "none",
+]
+GLOBAL_BATCH = 4
+FINAL_STEP = 12
+EXPORT_AFTER = 6
+PIPELINE_FILES = ("model_index.json", "unet", "scheduler")
+MESSAGES = {}  # bad-input case -> the error message, printed at the end of the module (pytest -s)
+RESULTS = {}  # resume / two-process numbers, printed at the end of the module
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The runs are tiny: one intra-op thread is faster on a small shared machine (and the launched processes
+    get OMP_NUM_THREADS=1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def prune():
+    return load_script("prune")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report():
+    yield
+    if MESSAGES:
+        print("\nbad input -> message:")
+        for case, message in MESSAGES.items():
+            print(f"  {case}: {message}")
+    for key, value in RESULTS.items():
+        print(f"{key}: {value}")
+
+
+def run_args(teacher, output_dir, batch=GLOBAL_BATCH, *extra):
+    return ["--pretrained_model_name_or_path", teacher, "--output_dir", str(output_dir),
+            "--train_batch_size", str(batch), *RUN_ARGS, *extra]
+
+
+def weights(folder):
+    return load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+
+
+def max_abs_diff(a, b):
+    assert a.keys() == b.keys()
+    assert all(a[k].shape == b[k].shape for k in a)
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def assert_same(a, b, what):
+    assert a.keys() == b.keys(), what
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{what}: {len(different)} tensors differ (max |diff| {max_abs_diff(a, b):.3g}), e.g. {different[:3]}"
+
+
+# ---------------------------------------------------------------------- bad input
+class Case:
+    """What a bad-input case may set up: files under ``tmp``, the environment (``monkeypatch``)."""
+
+    def __init__(self, tmp, teacher, monkeypatch):
+        self.tmp, self.teacher, self.monkeypatch = tmp, teacher, monkeypatch
+        self.output_dir = tmp / "out"
+
+
+def _config_folder(case, class_name, **config):
+    folder = case.tmp / f"not_a_unet_{class_name}"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"_class_name": class_name, "_diffusers_version": "0.42.1", **config}))
+    return ["--pretrained_model_name_or_path", str(folder)]
+
+
+def _autoencoder(case):
+    from diffusers import AutoencoderKL
+
+    folder = case.tmp / "vae"
+    AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=2, sample_size=16).save_pretrained(
+        folder, safe_serialization=True
+    )
+    return ["--pretrained_model_name_or_path", str(folder)]
+
+
+def _pipeline_without_unet(case):
+    folder = case.tmp / "no_unet_pipeline"
+    shutil.copytree(case.teacher, folder, ignore=shutil.ignore_patterns("unet", "checkpoint-*"))
+    return ["--pretrained_model_name_or_path", str(folder)]
+
+
+def _images(case, name, mode, count=4):
+    import numpy as np
+    from PIL import Image
+
+    folder = case.tmp / name
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    channels = {"L": (), "RGB": (3,)}[mode]
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (16, 16, *channels), dtype=np.uint8), mode).save(folder / f"{i}.png")
+    return folder
+
+
+def _parquet(case):
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    folder = case.tmp / "parquet_data"
+    folder.mkdir()
+    images = [Image.fromarray(np.full((16, 16), 16 * i, dtype=np.uint8), "L") for i in range(4)]
+    dataset = datasets.Dataset.from_dict({"picture": images, "label": [0, 1, 2, 3]}).cast_column("picture", datasets.Image())
+    dataset.to_parquet(str(folder / "train.parquet"))
+    return folder
+
+
+def _existing_output(case):
+    case.output_dir.mkdir()
+    (case.output_dir / "notes.txt").write_text("an earlier run")
+    (case.output_dir / "checkpoint-3").mkdir()  # not resumed without --resume_from_checkpoint
+    return []
+
+
+def _no_token(case):
+    import huggingface_hub.constants as constants
+    from huggingface_hub import get_token
+
+    home = case.tmp / "hf_home_empty"
+    home.mkdir()
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        case.monkeypatch.delenv(var, raising=False)
+    case.monkeypatch.setenv("HF_HOME", str(home))
+    case.monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
+    case.monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
+    assert get_token() is None, "the test environment still has a Hub token"
+    return ["--push_to_hub", "--hub_model_id", "user/tiny-gfp"]
+
+
+# (case, set-up returning extra arguments, the message it must raise). The arguments come after the valid defaults
+# (tiny teacher, digits, a fresh --output_dir), so each case has one thing wrong.
+BAD_INPUT_CASES = [
+    ("missing_teacher_folder",
+     lambda c: ["--pretrained_model_name_or_path", str(c.tmp / "no_such_teacher")],
+     r"The teacher folder '.*no_such_teacher' does not exist"),
+    ("teacher_is_a_conditional_unet",
+     lambda c: _config_folder(c, "UNet2DConditionModel", in_channels=4, sample_size=8, cross_attention_dim=8),
+     r"is a UNet2DConditionModel, not a UNet2DModel"),
+    ("teacher_is_an_autoencoder", _autoencoder, r"is a AutoencoderKL, not a UNet2DModel"),
+    ("teacher_pipeline_without_unet", _pipeline_without_unet, r"holds a pipeline without a 'unet' component"),
+    ("teacher_folder_without_model",
+     lambda c: (c.tmp / "empty_teacher").mkdir() or ["--pretrained_model_name_or_path", str(c.tmp / "empty_teacher")],
+     r"holds neither a pipeline \(model_index.json\) nor a model \(config.json\)"),
+    ("no_data_source", lambda c: ["--dataset_name", ""], r"No training data given"),
+    ("image_column_missing_imagefolder",
+     lambda c: ["--dataset_name", "", "--train_data_dir", str(_images(c, "gray", "L")), "--image_column", "nope"],
+     r"image_column='nope' is not a column of the image folder"),
+    ("image_column_missing_parquet",
+     lambda c: ["--dataset_name", str(_parquet(c)), "--image_column", "nope"],
+     r"has no column image_column='nope'. Available columns: \['picture', 'label'\]"),
+    ("rgb_images_for_a_1_channel_teacher",
+     lambda c: ["--dataset_name", "", "--train_data_dir", str(_images(c, "rgb", "RGB"))],
+     r"has 3-channel \(color\) images .*PIL mode 'RGB'.*but the model takes in_channels=1"),
+    ("sparsity_above_1", lambda c: ["--target_sparsity", "1.2"], r"Sparsity must be a number in \[0, 1\) .*got 1.2"),
+    ("sparsity_negative", lambda c: ["--target_sparsity", "-0.1"], r"Sparsity must be a number in \[0, 1\)"),
+    ("macs_target_zero", lambda c: ["--target_macs", "0"], r"--target_macs is a fraction of the dense MACs in \(0, 1\]"),
+    ("stock_layout_cannot_meet_target",
+     lambda c: ["--layout", "stock", "--target_sparsity", "0.3"],
+     r"The stock layout cannot prune 0.3 .*multiples of 1/8.*0.25, 0.375.*per-layer"),
+    ("pruning_longer_than_training",
+     lambda c: ["--pruning_steps", "50", "--max_train_steps", "20"],
+     r"--pruning_steps 50\) must end before --max_train_steps 20"),
+    ("pruning_as_long_as_training",  # no step would be left after the export: the run could never export
+     lambda c: ["--soft_steps", "5", "--pruning_steps", "20", "--max_train_steps", "20"],
+     r"--pruning_steps 20\) must end before --max_train_steps 20"),
+    ("soft_phase_not_shorter_than_pruning",
+     lambda c: ["--soft_steps", "10", "--pruning_steps", "10", "--max_train_steps", "20"],
+     r"Need 0 < soft_steps < pruning_steps"),
+    ("existing_output_folder", _existing_output, r"exists and is not empty.*--overwrite_output_dir"),
+    ("missing_checkpoint", lambda c: ["--resume_from_checkpoint", "checkpoint-99"],
+     r"--resume_from_checkpoint 'checkpoint-99' is not a checkpoint folder"),
+    ("push_without_repo_id", lambda c: ["--push_to_hub"], r"--push_to_hub needs --hub_model_id"),
+    ("push_without_token", _no_token, r"--push_to_hub needs a Hub token"),
+    ("unknown_criterion", lambda c: ["--criterion", "magic"], r"Unknown criterion 'magic'; choose one of \["),
+    ("zero_batch_size", lambda c: ["--train_batch_size", "0"], r"--train_batch_size must be >= 1, got 0"),
+]
+
+
+def _snapshot(folder):
+    if not folder.exists():
+        return None
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None) for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("name, setup, match", BAD_INPUT_CASES, ids=[c[0] for c in BAD_INPUT_CASES])
+def test_bad_input(name, setup, match, prune, tiny_teacher, tmp_path, monkeypatch):
+    """A clear message, raised by the checks before any heavy work, and nothing written to the output folder."""
+
+    def heavy_work(*args, **kwargs):
+        raise AssertionError("the script went past its checks (loaded the teacher or set up accelerate)")
+
+    case = Case(tmp_path, tiny_teacher["pipeline"], monkeypatch)
+    valid = ["--pretrained_model_name_or_path", case.teacher, "--output_dir", str(case.output_dir),
+             "--cache_dir", str(tmp_path / "cache"), "--report_to", "none"]
+    argv = valid + setup(case)
+    before = _snapshot(case.output_dir)
+    monkeypatch.setattr(prune, "load_teacher", heavy_work)
+    monkeypatch.setattr(prune.training, "create_accelerator", heavy_work)
+    with pytest.raises(ValueError, match=match) as error:
+        prune.main(argv)
+    MESSAGES[name] = str(error.value)
+    assert _snapshot(case.output_dir) == before, "the output folder was written to"
+
+
+def test_bad_input_cases_are_valid_without_their_fault(prune, tiny_teacher, tmp_path, monkeypatch):
+    """The valid defaults the cases start from pass every check (so each case fails for its own reason)."""
+
+    class PastTheChecks(Exception):
+        pass
+
+    def past_the_checks(*args, **kwargs):
+        raise PastTheChecks
+
+    monkeypatch.setattr(prune.training, "create_accelerator", past_the_checks)
+    with pytest.raises(PastTheChecks):
+        prune.main(["--pretrained_model_name_or_path", tiny_teacher["pipeline"], "--output_dir", str(tmp_path / "out"),
+                    "--cache_dir", str(tmp_path / "cache"), "--report_to", "none"])
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------- an uninterrupted run, and resumes
+@pytest.fixture(scope="module")
+def reference(prune, tiny_teacher, tmp_path_factory):
+    """One uninterrupted run: (output folder, wall seconds)."""
+    output_dir = tmp_path_factory.mktemp("reference") / "run"
+    start = time.perf_counter()
+    prune.main(run_args(tiny_teacher["pipeline"], output_dir))
+    wall = time.perf_counter() - start
+    RESULTS["wall time of the tiny end-to-end run (in-process, 12 steps, batch 4)"] = f"{wall:.1f} s"
+    return output_dir, wall
+
+
+def test_uninterrupted_run(reference):
+    from diffusers import DDPMPipeline, UNet2DModel
+
+    output_dir, _ = reference
+    names = set(os.listdir(output_dir))
+    assert set(PIPELINE_FILES) | {"pruning_summary.json", "pruning_masks.safetensors"} <= names
+    assert {f"checkpoint-{s}" for s in range(2, FINAL_STEP + 1, 2)} <= names
+    assert ".pipeline-staging" not in names
+    # The pruner's state is in the checkpoints of the pruning stage; the final masks in those after the export.
+    for step in range(2, FINAL_STEP + 1, 2):
+        checkpoint = output_dir / f"checkpoint-{step}"
+        assert (checkpoint / "pruner").is_dir() == (step <= EXPORT_AFTER), step
+        assert json.loads((checkpoint / "training_state.json").read_text())["stage"] == (
+            "pruning" if step <= EXPORT_AFTER else "finetune")
+        has_masks = any(k.startswith("masks/") for k in load_file(str(checkpoint / "training_state.safetensors")))
+        assert has_masks == (step > EXPORT_AFTER), step
+
+    summary = json.loads((output_dir / "pruning_summary.json").read_text())
+    assert summary["num_processes"] == 1 and summary["global_batch_size"] == GLOBAL_BATCH
+    assert summary["pruned"]["params"] < summary["dense"]["params"] / 2
+    masks = load_file(str(output_dir / "pruning_masks.safetensors"))
+    for name, mask in masks.items():  # stock layout: every family keeps exactly half of its units
+        assert set(mask.unique().tolist()) <= {0.0, 1.0} and int(mask.sum()) * 2 == mask.numel(), name
+
+    pipeline = DDPMPipeline.from_pretrained(output_dir)
+    assert type(pipeline.unet) is UNet2DModel and pipeline.unet.config.block_out_channels == [8, 16]
+    images = pipeline(batch_size=1, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.shape == (1, 16, 16, 1)
+
+
+@pytest.mark.parametrize("k", [2, 6, 8], ids=["soft_phase", "hard_phase_before_export", "after_export"])
+def test_resume_matches_uninterrupted_run(k, prune, reference, tiny_teacher, tmp_path, capsys):
+    """Interrupted after checkpoint-k (later checkpoints and the final files never written), then resumed."""
+    reference_dir, _ = reference
+    output_dir = tmp_path / "run"
+    output_dir.mkdir()
+    for step in range(2, k + 1, 2):
+        shutil.copytree(reference_dir / f"checkpoint-{step}", output_dir / f"checkpoint-{step}")
+    kept = {p: p.stat().st_mtime_ns for p in output_dir.rglob("*") if p.is_file()}
+    capsys.readouterr()
+
+    prune.main(run_args(tiny_teacher["pipeline"], output_dir, GLOBAL_BATCH, "--resume_from_checkpoint", "latest"))
+
+    out = capsys.readouterr().out
+    assert re.search(rf"Resuming from .*checkpoint-{k} \(({'pruning' if k <= EXPORT_AFTER else 'finetune'}) stage\)", out), out
+    assert ("Exported at step" in out) == (k <= EXPORT_AFTER)
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items()), "a checkpoint from before the interruption was rewritten"
+    for sub in ("unet", f"checkpoint-{FINAL_STEP}/unet", f"checkpoint-{FINAL_STEP}/unet_ema"):
+        assert json.loads((output_dir / sub / "config.json").read_text()) == json.loads((reference_dir / sub / "config.json").read_text())
+        got, want = weights(output_dir / sub), weights(reference_dir / sub)
+        RESULTS[f"resume from checkpoint-{k}, {sub}: max |diff|"] = max_abs_diff(got, want)
+        assert_same(got, want, f"{sub} after resuming from checkpoint-{k}")
+    assert_same(load_file(str(output_dir / "pruning_masks.safetensors")),
+                load_file(str(reference_dir / "pruning_masks.safetensors")), "final masks")
+
+
+def test_bare_unet_teacher_per_layer_layout(prune, tiny_teacher, tmp_path):
+    """A folder holding only a UNet2DModel (no scheduler) as the teacher, pruned to the per-layer layout."""
+    from diffusers_gfprune.modeling_pruned_unet import PrunedUNet2DModel
+
+    output_dir = tmp_path / "run"
+    prune.main(["--pretrained_model_name_or_path", tiny_teacher["unet"], "--output_dir", str(output_dir),
+                "--train_batch_size", "4", "--max_train_steps", "4", "--soft_steps", "1", "--pruning_steps", "2",
+                "--rescore_every", "1", "--checkpointing_steps", "100", "--layout", "per-layer", "--target_sparsity", "0.3",
+                "--num_inference_steps", "2", "--num_validation_images", "2", "--validation_steps", "100", "--report_to", "none"])
+    summary = json.loads((output_dir / "pruning_summary.json").read_text())
+    assert summary["teacher"] == tiny_teacher["unet"] and summary["layout"] == "per-layer"
+    masks = load_file(str(output_dir / "pruning_masks.safetensors"))
+    pruned = sum(int((m == 0).sum()) for m in masks.values())
+    total = sum(m.numel() for m in masks.values())
+    assert abs(pruned / total - 0.3) < 0.01
+    unet = PrunedUNet2DModel.from_pretrained(output_dir, subfolder="unet")
+    assert summary["pruned"]["params"] < summary["dense"]["params"]
+    with torch.no_grad():
+        assert unet(torch.randn(1, 1, 16, 16), 10).sample.shape == (1, 1, 16, 16)
+
+
+# ---------------------------------------------------------------------- accelerate launch, two processes
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(launch_args, script_args, tmp_path, extra_env=None, timeout=420):
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    command = [accelerate] if os.path.exists(accelerate) else [sys.executable, "-m", "accelerate.commands.accelerate_cli"]
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("ACCELERATE_", "MASTER_", "WORLD_", "RANK", "LOCAL_RANK", "OMPI_", "PMI_"))}
+    home = tmp_path / "hf_home"  # no accelerate default config, no token
+    home.mkdir(exist_ok=True)
+    env.update(OMP_NUM_THREADS="1", HF_HOME=str(home), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", **(extra_env or {}))
+    command += ["launch", *launch_args, "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(_free_port()), PRUNE_SCRIPT, *script_args]
+    start = time.perf_counter()
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return result, time.perf_counter() - start
+
+
+def test_two_processes_match_one(reference, tiny_teacher, tmp_path):
+    """2 CPU processes at half the per-device batch: one save, and the final masks of the 1-process run."""
+    reference_dir, _ = reference
+    output_dir = tmp_path / "run"
+    result, wall = _launch(["--multi_gpu", "--num_processes", "2"],
+                           run_args(tiny_teacher["pipeline"], output_dir, GLOBAL_BATCH // 2), tmp_path,
+                           extra_env={"ACCELERATE_USE_CPU": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    RESULTS["two-process accelerate launch, wall time"] = f"{wall:.1f} s"
+
+    summary = json.loads((output_dir / "pruning_summary.json").read_text())
+    assert summary["num_processes"] == 2 and summary["global_batch_size"] == GLOBAL_BATCH
+    final = output_dir / f"checkpoint-{FINAL_STEP}"
+    assert (final / "random_states_0.pkl").exists() and (final / "random_states_1.pkl").exists()
+    # Saved once: one pipeline, at the root, completely moved out of its staging folder.
+    assert sorted(str(p.relative_to(output_dir)) for p in output_dir.rglob("model_index.json")) == ["model_index.json"]
+    assert not (output_dir / ".pipeline-staging").exists()
+    assert result.stdout.count("Exported at step") == 1
+    assert set(os.listdir(output_dir)) == set(os.listdir(reference_dir))
+
+    assert_same(load_file(str(output_dir / "pruning_masks.safetensors")),
+                load_file(str(reference_dir / "pruning_masks.safetensors")), "final masks, 2 processes vs 1")
+    # Weights: the same computation up to the order of float sums (all-reduce), so close but not bit-equal.
+    diff = max_abs_diff(weights(output_dir / "unet"), weights(reference_dir / "unet"))
+    RESULTS["two processes vs one, final unet: max |diff|"] = diff
+    assert diff <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "launch_args, extra_env, match",
+    [
+        (["--cpu", "--num_processes", "2"], {}, r"`accelerate launch --cpu --num_processes N` \(N > 1\) starts a single process"),
+        (["--multi_gpu", "--num_processes", "2"], {"CUDA_VISIBLE_DEVICES": ""},
+         r"The launcher started 2 processes \(WORLD_SIZE=2\), but accelerate set up a single-process run"),
+    ],
+    ids=["cpu_flag_starts_one_process", "multi_gpu_without_gpus"],
+)
+def test_launch_that_does_not_give_two_processes_is_refused(launch_args, extra_env, match, tiny_teacher, tmp_path):
+    """Refused with the fix in the message, before the teacher is loaded and with nothing written."""
+    output_dir = tmp_path / "run"
+    result, _ = _launch(launch_args, run_args(tiny_teacher["pipeline"], output_dir, GLOBAL_BATCH // 2), tmp_path, extra_env)
+    assert result.returncode != 0
+    assert re.search(match, result.stderr), result.stderr[-6000:]
+    MESSAGES[f"launch: {' '.join(launch_args)}"] = re.search(r"RuntimeError: (.*)", result.stderr).group(1)
+    assert not output_dir.exists()
