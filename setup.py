@@ -23,6 +23,7 @@ INSTALL_REQUIRES = [
     "matplotlib==3.11.2",
     "pillow==13.0.0",
     "tqdm==4.70.1",
+    "tensorboard==2.21.0",  # the scripts' default tracker (--report_to tensorboard), as in diffusers' examples
 ]
 
 setup(
@@ -35,6 +36,8 @@ setup(
     packages=find_packages(include=["diffusers_gfprune", "diffusers_gfprune.*", "pipelines", "pipelines.*"]),
     package_data={"diffusers_gfprune": ["assets/**/*"]},
     include_package_data=True,
+    # The model card template lives at the repository root; a non-editable install puts it under share/.
+    data_files=[("share/diffusers-gfprune", ["model_card_template.md"])],
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": ["pytest==9.2.0"]},

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -77,6 +78,8 @@ def parse_args(argv=None):
     e.add_argument("--eval_fid", type=str, default="auto", choices=evaluation.FID_CHOICES,
                    help="FID/KID features: 'auto' = the digits classifier for the built-in digits, Inception-v3 otherwise "
                         "(listed as not computed when its weights are unavailable).")
+    e.add_argument("--validation_fid_images", type=int, default=0,
+                   help="At every validation step, also the FID (digits classifier features) of this many samples; the built-in digits only.")
     e.add_argument("--inception_weights", type=str, default=None,
                    help="Path of torch-fidelity's Inception-v3 weights file, for Inception FID offline.")
     return parser.parse_args(argv)
@@ -124,6 +127,12 @@ def validate(args):
         raise ValueError(
             f"--eval_fid {evaluation.DIGITS_FEATURE_EXTRACTOR} measures the built-in digits only (--dataset_name digits); "
             "use --eval_fid auto or inception-v3-compat for other data."
+        )
+    if args.validation_fid_images and (args.dataset_name != "digits" or args.validation_fid_images < 4):
+        raise ValueError(
+            "--validation_fid_images computes the FID in the digits classifier's features during training: it needs "
+            f"--dataset_name digits and at least 4 images (got {args.validation_fid_images} on {args.dataset_name!r}); "
+            "for other data, evaluate checkpoints with training/evaluate.py."
         )
     if args.inception_weights is not None and not os.path.isfile(args.inception_weights):
         raise ValueError(f"--inception_weights {args.inception_weights!r} is not a file.")
@@ -216,7 +225,8 @@ def main(argv=None):
 
     # "masks": the final binary masks (1 = keep) once the pruning stage is over; saved in every later checkpoint.
     # "history": per-step loss/sparsity for the curves plot, kept in checkpoints so a resumed run plots the whole run.
-    state = {"stage": stage, "masks": None, "history": []}
+    # "seconds": wall time spent in each stage (summed over resumed runs).
+    state = {"stage": stage, "masks": None, "history": [], "seconds": {"pruning": 0.0, "finetune": 0.0}}
     ema = training.create_ema(student, args) if args.use_ema else None
     optimizer = training.create_optimizer(student, args)
     lr_scheduler = training.create_lr_scheduler(optimizer, args, accelerator.num_processes)
@@ -232,7 +242,7 @@ def main(argv=None):
                 pruner.save(os.path.join(output_dir, "pruner"))
             tensors = {"noise/generator": noise.state_dict()["generator"]}
             tensors.update({f"masks/{k}": v for k, v in (state["masks"] or {}).items()})
-            training.save_extra_state(output_dir, tensors, {"stage": state["stage"], "history": state["history"]})
+            training.save_extra_state(output_dir, tensors, {"stage": state["stage"], "history": state["history"], "seconds": state["seconds"]})
 
     def load_hook(models, input_dir):
         for _ in range(len(models)):
@@ -244,6 +254,7 @@ def main(argv=None):
             pruner.load(os.path.join(input_dir, "pruner"))
         tensors, meta = training.load_extra_state(input_dir)
         state["history"] = list(meta.get("history", []))
+        state["seconds"] = dict(meta.get("seconds", state["seconds"]))
         noise.load_state_dict({"generator": tensors["noise/generator"]})
         masks = {k[len("masks/"):]: v for k, v in tensors.items() if k.startswith("masks/")}
         state["masks"] = masks or None
@@ -277,6 +288,10 @@ def main(argv=None):
     loss_value = float("nan")
     pruning_seconds = 0.0
     micro_step = 0
+    fid_reference = None
+    if args.validation_fid_images:
+        fid_reference = evaluation.digits_reference("test", sample_size)
+    tick_step = time.time()
     while global_step < args.max_train_steps:
         epoch, skip = divmod(global_step, steps_per_epoch)
         for batch in training.epoch_batches(dataloader, shuffle_generator, args.seed, epoch, skip * args.gradient_accumulation_steps, accelerator):
@@ -304,6 +319,9 @@ def main(argv=None):
             if ema is not None:
                 ema.step(student.parameters())
             global_step += 1
+            now = time.time()
+            state["seconds"][state["stage"]] += now - tick_step
+            tick_step = now
             loss_value = accelerator.gather(loss.detach()).mean().item()
             phase = info["phase"] if info else "finetune"
             sparsity = info["sparsity"] if info else args.target_sparsity
@@ -337,6 +355,11 @@ def main(argv=None):
                 os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
                 grid.save(os.path.join(args.output_dir, "samples", f"step-{global_step:06d}.png"))
                 training.log_images(accelerator, "teacher_vs_pruned", grid, global_step)
+                if fid_reference is not None:
+                    fid = _validation_fid(unet, ddim, args, in_channels, sample_size, fid_reference)
+                    state["history"][-1]["fid_digits_classifier"] = fid
+                    accelerator.log({"fid_digits_classifier": fid}, step=global_step)
+                tick_step = time.time()  # validation is not training time
             if global_step >= args.max_train_steps:
                 break
     progress.close()
@@ -367,6 +390,8 @@ def main(argv=None):
             "num_processes": accelerator.num_processes,
             "global_batch_size": args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
             "pruning_criterion_seconds": pruning_seconds,
+            "pruning_stage_seconds": state["seconds"]["pruning"],
+            "finetune_seconds": state["seconds"]["finetune"],
             "evaluation": comparison.as_dict() if comparison else None,
         }
         pruning_info = None
@@ -383,6 +408,7 @@ def main(argv=None):
         _save_masks(state["masks"], units, args, os.path.join(args.output_dir, "pruning_masks.safetensors"))
         summary["wall_seconds"] = time.time() - started
         _write_json(summary, os.path.join(args.output_dir, "pruning_summary.json"))
+        _write_json(state["history"], os.path.join(args.output_dir, "pruning_history.json"))
         shown = {k: summary[k] for k in ("dense", "pruned", "final_loss", "wall_seconds")}
         if comparison:
             shown["metrics"] = {m.key: round(m.value, 4) for m in comparison.metrics}
@@ -413,6 +439,16 @@ def _evaluate(args, teacher, unet, scheduler, dataset, data_config):
         dataset_name=args.dataset_name or os.path.basename(os.path.normpath(args.train_data_dir or "images")),
         inception_weights=args.inception_weights,
     )
+
+
+def _validation_fid(unet, ddim, args, in_channels, sample_size, reference):
+    """FID (digits classifier features) of ``--validation_fid_images`` samples from fixed noise, against the test digits."""
+    noise = torch.randn((args.validation_fid_images, in_channels, sample_size, sample_size),
+                        generator=torch.Generator().manual_seed(args.seed + 1))
+    images = torch.cat([sample_images(unet, ddim, chunk, args.num_inference_steps) for chunk in noise.split(64)])
+    result = evaluation.compute_fid_kid(images, reference, feature_extractor=evaluation.DIGITS_FEATURE_EXTRACTOR,
+                                        kid_subset_size=max(2, min(len(images), len(reference)) // 2))
+    return result["fid_digits_classifier"]
 
 
 def _write_json(data, path):
@@ -496,7 +532,7 @@ def _export_and_rebuild(accelerator, student, ema, pruner, units, args, global_s
     optimizer = training.create_optimizer(slim, args)
     lr_scheduler = training.create_lr_scheduler(optimizer, args, accelerator.num_processes)
     with warnings.catch_warnings():  # fast-forwarding a fresh schedule to the current step, before any optimizer step
-        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before `optimizer.step()`")
+        warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
         for _ in range(global_step * accelerator.num_processes):
             lr_scheduler.step()
     training.forget_prepared(accelerator)

@@ -8,11 +8,13 @@ teacher was made with this script; see docs/teacher.md for the exact command.
 """
 
 import argparse
+import collections
 import json
 import logging
 import math
 import os
 import sys
+import time
 
 import torch
 from accelerate.logging import get_logger
@@ -136,6 +138,9 @@ def main(argv=None):
         (args.num_validation_images, args.in_channels, args.sample_size, args.sample_size), generator=torch.Generator().manual_seed(args.seed)
     )
     loss_value = float("nan")
+    recent_losses = collections.deque(maxlen=100)
+    started = time.time()
+    first_step = global_step
     while global_step < args.max_train_steps:
         epoch, skip = divmod(global_step, steps_per_epoch)
         for batch in training.epoch_batches(dataloader, shuffle_generator, args.seed, epoch, skip * args.gradient_accumulation_steps, accelerator):
@@ -153,6 +158,7 @@ def main(argv=None):
                 ema.step(model.parameters())
             global_step += 1
             loss_value = accelerator.gather(loss.detach()).mean().item()
+            recent_losses.append(loss_value)
             progress.update(1)
             progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.1e}")
             logs = {"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0]}
@@ -182,8 +188,19 @@ def main(argv=None):
         training.save_pipeline_into(pipeline, args.output_dir)
         images = sample_images(unet, DDIMScheduler.from_config(noise_scheduler.config), fixed_noise, args.num_inference_steps)
         make_grid(images, scale=4).save(os.path.join(args.output_dir, "samples.png"))
-        with open(os.path.join(args.output_dir, "training_summary.json"), "w") as f:
-            json.dump({"final_loss": loss_value, "steps": global_step, "command": " ".join(sys.argv)}, f, indent=2)
+        summary = {
+            "final_loss": loss_value,
+            "mean_loss_last_100_steps": sum(recent_losses) / max(1, len(recent_losses)),
+            "steps": global_step,
+            "steps_this_invocation": global_step - first_step,
+            "wall_seconds_this_invocation": time.time() - started,
+            "num_parameters": sum(p.numel() for p in unet.parameters()),
+            "command": " ".join(sys.argv),
+        }
+        path = os.path.join(args.output_dir, "training_summary.json")
+        with open(f"{path}.tmp", "w") as f:
+            json.dump(summary, f, indent=2)
+        os.replace(f"{path}.tmp", path)
         if args.push_to_hub:
             from diffusers_gfprune.hub import push_folder
 

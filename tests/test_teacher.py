@@ -1,0 +1,42 @@
+"""The shipped digits teacher (teachers/ddpm-digits) is a real digit model, loadable with plain diffusers."""
+
+import json
+import os
+
+import torch
+
+from diffusers_gfprune.evaluation import digits_accuracy, paired_samples
+
+from .conftest import REPO_ROOT
+
+TEACHER = os.path.join(REPO_ROOT, "teachers", "ddpm-digits")
+NUM_IMAGES = 64
+
+
+def test_teacher_folder_is_safe_and_complete():
+    files = sorted(os.path.relpath(os.path.join(root, name), TEACHER) for root, _, names in os.walk(TEACHER) for name in names)
+    assert {"model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+            "scheduler/scheduler_config.json", "samples.png", "training_summary.json"} <= set(files)
+    assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt"))], files
+    assert not [f for f in files if f.startswith("checkpoint-")], "training checkpoints shipped"
+    summary = json.load(open(os.path.join(TEACHER, "training_summary.json")))
+    assert "train_ddpm.py" in summary["command"] and "--dataset_name digits" in summary["command"]
+
+
+def test_teacher_samples_are_recognized_digits():
+    """Its samples are recognized by the shipped digits classifier far above what noise gets, and cover the digits."""
+    from diffusers import DDPMPipeline
+
+    pipeline = DDPMPipeline.from_pretrained(TEACHER)  # plain diffusers, no flags
+    unet = pipeline.unet.eval()
+    assert unet.config.in_channels == 1 and unet.config.sample_size == 16
+    images, _ = paired_samples(unet, unet, pipeline.scheduler, NUM_IMAGES, num_inference_steps=50, seed=123)
+    seen = digits_accuracy(images)
+    # What an untrained model gives: its samples are close to Gaussian noise clipped to [0, 1].
+    noise = digits_accuracy(torch.randn(NUM_IMAGES, 1, 16, 16, generator=torch.Generator().manual_seed(0)).add(1).div(2).clamp(0, 1))
+    print(f"\nteacher: recognized {seen['recognized_fraction']:.3f}, labels {seen['label_counts']}, "
+          f"entropy {seen['label_entropy_bits']:.2f} bits; noise: recognized {noise['recognized_fraction']:.3f}")
+    assert noise["recognized_fraction"] <= 0.1
+    assert seen["recognized_fraction"] >= 0.7, seen
+    assert sum(count > 0 for count in seen["label_counts"]) >= 8, seen["label_counts"]  # not one digit over and over
+    assert seen["label_entropy_bits"] >= 2.8, seen  # uniform over 10 digits: 3.32 bits
