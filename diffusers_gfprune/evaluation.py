@@ -1238,3 +1238,106 @@ def evaluate_against_teacher(
                 Metric("kid_inception", "KID (Inception-v3)", scores["pruned"]["kid_inception_mean"], how, **kind),
             ]
     return TeacherComparison(metrics, not_computed, teacher_images, pruned_images, details)
+
+
+# --------------------------------------------------------------------------------------------
+# Reports: a pruned model against its teacher as one markdown table (evaluate.py, benchmarks)
+# --------------------------------------------------------------------------------------------
+
+
+def model_counts(unet, sample_size: Optional[Union[int, Tuple[int, int]]] = None) -> dict:
+    """Parameters and MACs per image of one forward pass (one sampling step).
+
+    Parameters
+    ----------
+    unet : diffusers.UNet2DModel
+    sample_size : int or (int, int), optional
+        Default: ``unet.config.sample_size``.
+
+    Returns
+    -------
+    dict
+        ``params``, ``macs`` (attention matrix products included) and ``macs_without_attention``
+        (what hook-based counters report), see :mod:`diffusers_gfprune.counting`.
+    """
+    from .counting import count_mac_breakdown, count_parameters
+
+    macs = count_mac_breakdown(unet, sample_size)
+    return {"params": count_parameters(unet), "macs": macs.total, "macs_without_attention": macs.without_attention}
+
+
+def _fmt_value(value) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        from .counting import format_count
+
+        return format_count(int(value))
+    value = float(value)
+    if not np.isfinite(value):
+        return str(value)
+    return f"{value:.4g}"
+
+
+def comparison_markdown(
+    comparison: Optional[TeacherComparison],
+    counts: Optional[Dict[str, dict]] = None,
+    throughput: Optional[ThroughputComparison] = None,
+    title: Optional[str] = None,
+) -> str:
+    """Markdown tables of a pruned model against its teacher: quality, size and speed.
+
+    Parameters
+    ----------
+    comparison : TeacherComparison, optional
+        From :func:`evaluate_against_teacher`; one row per metric with how it was measured, then
+        what was not computed and why.
+    counts : dict, optional
+        ``{"teacher": model_counts(teacher), "pruned": model_counts(pruned)}``.
+    throughput : ThroughputComparison, optional
+        From :func:`compare_throughput`; the speed-up with its spread over the repeats.
+    title : str, optional
+        A heading put above the tables.
+
+    Returns
+    -------
+    str
+        Markdown text ending with a newline.
+    """
+    lines = []
+    if title:
+        lines += [f"## {title}", ""]
+    if comparison is not None:
+        lines += ["| metric | value | how it was measured |", "|---|---|---|"]
+        for m in comparison.metrics:
+            lines.append(f"| {m.name} | {_fmt_value(m.value)} | {m.how.replace('|', '/')} |")
+        lines.append("")
+        if comparison.not_computed:
+            lines += ["Not computed:", ""]
+            lines += [f"- {name}: {reason}" for name, reason in comparison.not_computed]
+            lines.append("")
+    if counts or throughput is not None:
+        lines += ["| | teacher | pruned | pruned / teacher |", "|---|---|---|---|"]
+        rows = [("parameters", "params"), ("MACs per image (attention matmuls included)", "macs"),
+                ("MACs per image (convolutions and linear layers only)", "macs_without_attention")]
+        for label, key in rows if counts else ():
+            dense, pruned = counts["teacher"][key], counts["pruned"][key]
+            lines.append(f"| {label} | {_fmt_value(dense)} | {_fmt_value(pruned)} | {pruned / dense:.3f} |")
+        if throughput is not None:
+            d, p = throughput.dense, throughput.pruned
+            lines.append(
+                f"| UNet step latency, batch {d.batch_size}, {d.device} (median of {d.repeats}) | "
+                f"{d.step_latency_median_s * 1e3:.2f} ms | {p.step_latency_median_s * 1e3:.2f} ms | "
+                f"{p.step_latency_median_s / d.step_latency_median_s:.3f} |"
+            )
+            lines += [
+                "",
+                f"Speed-up (teacher latency / pruned latency, per interleaved repeat): median {throughput.ratio:.3f}, "
+                f"quartiles {throughput.ratio_q25:.3f}-{throughput.ratio_q75:.3f}, range "
+                f"{throughput.ratio_min:.3f}-{throughput.ratio_max:.3f} over {len(throughput.ratios)} repeats.",
+            ]
+        lines.append("")
+    return "\n".join(lines)
+
+
+__all__ += ["model_counts", "comparison_markdown"]
