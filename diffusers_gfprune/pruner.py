@@ -48,6 +48,12 @@ class PrunerConfig:
     min_keep_fraction: float = field(default=0.1, metadata={"help": "Global selection: every family keeps at least this fraction (and one unit)."})
     score_ema: float = field(default=0.5, metadata={"help": "Smoothing of scores between re-scorings: s <- ema * s + (1 - ema) * new; 0 = no smoothing."})
     reactivation: bool = field(default=True, metadata={"help": "Hard phase: score pruned units with their masks at 1 so they can come back."})
+    reactivation_fraction: float = field(
+        default=0.05,
+        metadata={"help": "Hard phase: at most this fraction of each family's pruned units (at least one) swaps places with kept "
+                          "units per re-scoring, and only where the pruned unit scores higher. Mini-batch scores are noisy; "
+                          "unbounded swapping zeroes a different half of the selection at every re-scoring."},
+    )
 
     def __post_init__(self):
         if not isinstance(self.target_sparsity, (int, float)) or not 0 <= self.target_sparsity < 1:
@@ -65,6 +71,8 @@ class PrunerConfig:
             raise ValueError(f"Unknown selection {self.selection!r}; choose one of {SELECTIONS}.")
         if not 0 <= self.score_ema < 1:
             raise ValueError("score_ema must lie in [0, 1).")
+        if not 0 <= self.reactivation_fraction <= 1:
+            raise ValueError(f"reactivation_fraction must lie in [0, 1], got {self.reactivation_fraction!r}.")
 
     @classmethod
     def from_total_steps(cls, max_train_steps: int, soft_fraction: float = 0.1, pruning_fraction: float = 0.2, **kwargs):
@@ -104,6 +112,7 @@ class GradientFlowPruner:
         self.pruned: Dict[str, torch.Tensor] = {f.name: torch.zeros(f.num_units, dtype=torch.bool) for f in units}
         self.step_count = 0
         self.num_rescorings = 0
+        self.last_changes = 0
         self.history: List[dict] = []
 
     # ------------------------------------------------------------------ phases
@@ -166,9 +175,12 @@ class GradientFlowPruner:
         rescored = False
         if phase != "done" and self.is_rescoring_step(step):
             self._rescore(losses, phase)
-            self.pruned = select(
+            proposal = select(
                 self.scores, self.units, self.sparsity_at(step), self.config.selection, self.config.min_keep_fraction
             )
+            previous = self.pruned
+            self.pruned = self._evolve(previous, proposal, phase)
+            self.last_changes = sum(int((self.pruned[k] & ~previous[k]).sum()) for k in self.pruned)
             rescored = True
         if phase != "done":
             self._write_masks(self.mask_value_at(step))
@@ -178,10 +190,46 @@ class GradientFlowPruner:
             "sparsity": self.current_sparsity(),
             "mask_value": self.mask_value_at(step) if phase == "soft" else 0.0,
             "rescored": rescored,
+            "newly_pruned": self.last_changes if rescored else 0,
         }
         if rescored:
-            self.history.append({k: info[k] for k in ("step", "phase", "sparsity")})
+            self.history.append({k: info[k] for k in ("step", "phase", "sparsity", "newly_pruned")})
         return info
+
+    def _evolve(self, previous: Dict[str, torch.Tensor], proposal: Dict[str, torch.Tensor], phase: str) -> Dict[str, torch.Tensor]:
+        """The new selection: ``proposal``'s count per family, as close to ``previous`` as the rules allow.
+
+        Soft phase: monotone. Units already selected stay selected (their mask keeps decaying, it never
+        jumps back to 1); the family's new units are its lowest-scoring unselected ones.
+        Hard phase: the counts stay; up to ``reactivation_fraction`` of a family's pruned units (at least
+        one) come back, each in exchange for the lowest-scoring kept unit it outscores.
+        """
+        out = {}
+        for family in self.units:
+            name = family.name
+            flags = previous[name].clone()
+            score = self.scores[name].double().cpu()
+            if phase == "soft":
+                target = int(proposal[name].sum())
+                have = int(flags.sum())
+                if target > have:
+                    free = (~flags).nonzero().squeeze(1)
+                    flags[free[torch.sort(score[free], stable=True).indices[: target - have]]] = True
+                elif target < have:  # global selection moved width elsewhere: release the best selected units
+                    taken = flags.nonzero().squeeze(1)
+                    flags[taken[torch.sort(-score[taken], stable=True).indices[: have - target]]] = False
+            elif self.config.reactivation:
+                pruned_idx = flags.nonzero().squeeze(1)
+                kept_idx = (~flags).nonzero().squeeze(1)
+                budget = math.ceil(self.config.reactivation_fraction * len(pruned_idx)) if len(pruned_idx) else 0
+                back = pruned_idx[torch.sort(-score[pruned_idx], stable=True).indices]  # best pruned first
+                out_ = kept_idx[torch.sort(score[kept_idx], stable=True).indices]  # worst kept first
+                for u, v in list(zip(back.tolist(), out_.tolist()))[:budget]:
+                    if score[u] <= score[v]:
+                        break
+                    flags[u], flags[v] = False, True
+            out[name] = flags
+        return out
 
     def _rescore(self, losses, phase: str) -> None:
         data = losses() if (losses is not None and self.criterion.needs_data) else []

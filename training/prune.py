@@ -71,6 +71,8 @@ def parse_args(argv=None):
     p.add_argument("--score_batches", type=int, default=2, help="Mini-batches per re-scoring.")
     p.add_argument("--score_batch_size", type=int, default=None, help="Images per scoring mini-batch (default: train_batch_size).")
     p.add_argument("--hvp", type=str, default="exact", choices=["exact", "finite_difference"], help="gradient_flow: how H g is computed.")
+    p.add_argument("--reactivation_fraction", type=float, default=0.05,
+                   help="Hard phase: at most this fraction of a family's pruned units swap back in per re-scoring.")
     p.add_argument("--min_keep_fraction", type=float, default=0.1, help="per-layer: every family keeps at least this fraction.")
     e = parser.add_argument_group("evaluation (at the end of the run; the numbers go into the card)")
     e.add_argument("--num_eval_images", type=int, default=300,
@@ -105,6 +107,7 @@ def pruning_config(args) -> PrunerConfig:
         selection="local" if args.layout == "stock" else "global",
         min_keep_fraction=args.min_keep_fraction,
         score_ema=args.score_ema,
+        reactivation_fraction=args.reactivation_fraction,
     )
 
 
