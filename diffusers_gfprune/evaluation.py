@@ -1205,7 +1205,9 @@ def evaluate_against_teacher(
                    scores["teacher"]["fid_digits_classifier"], how, **kind),
             Metric("fid_digits_classifier_real", "FID of real training digits, same protocol (the floor)",
                    scores["real"]["fid_digits_classifier"], f"{len(real)} real training digits instead of samples; " + how, **kind),
-            Metric("kid_digits_classifier", "KID, digits classifier features", scores["pruned"]["kid_digits_classifier_mean"], how, **kind),
+            Metric("kid_digits_classifier", "KID, digits classifier features", scores["pruned"]["kid_digits_classifier_mean"],
+                   f"kernel inception distance (torch-fidelity's polynomial-kernel MMD, mean over 100 subsets of {kid_size}) "
+                   f"in the same features and against the same digits; {sampler}", **kind),
         ]
         recognized = {"pruned": digits_accuracy(pruned_images), "teacher": digits_accuracy(teacher_images)}
         details["digits_recognition"] = recognized
@@ -1235,7 +1237,8 @@ def evaluate_against_teacher(
             metrics += [
                 Metric("fid_inception", "FID (Inception-v3)", scores["pruned"]["fid_inception"], how, **kind),
                 Metric("fid_inception_teacher", "FID of the teacher, same protocol", scores["teacher"]["fid_inception"], how, **kind),
-                Metric("kid_inception", "KID (Inception-v3)", scores["pruned"]["kid_inception_mean"], how, **kind),
+                Metric("kid_inception", "KID (Inception-v3)", scores["pruned"]["kid_inception_mean"],
+                       "kernel inception distance (torch-fidelity, polynomial-kernel MMD) in the same features; " + how, **kind),
             ]
     return TeacherComparison(metrics, not_computed, teacher_images, pruned_images, details)
 
