@@ -20,10 +20,11 @@ correction, folded into ``to_q``.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from fractions import Fraction
-from functools import reduce
+from functools import lru_cache, reduce
 from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
@@ -131,10 +132,26 @@ def stock_unit_quantum(units: UnitSet) -> int:
     return reduce(math.gcd, (f.num_units for f in units))
 
 
-def stock_sparsities(units: UnitSet) -> List[float]:
-    """All sparsities in [0, 1) that the stock layout can meet exactly."""
+def stock_keeps_width_multiple(units: UnitSet, keep: Fraction, round_to: int = 1) -> bool:
+    """Whether keeping ``keep`` of every family leaves every width a multiple of ``round_to``.
+
+    The dense model itself (``keep == 1``) always qualifies: rounding never widens a layer.
+    """
+    return keep == 1 or all((f.num_channels * keep).denominator == 1 and int(f.num_channels * keep) % round_to == 0
+                            for f in units)
+
+
+def stock_sparsities(units: UnitSet, round_to: int = 1) -> List[float]:
+    """All sparsities in [0, 1) that the stock layout can meet exactly.
+
+    With ``round_to > 1``, only those whose every width (all block widths, attention and time
+    embedding widths) is a multiple of ``round_to`` channels.
+    """
+    from .selection import check_round_to
+
+    check_round_to(round_to)
     q = stock_unit_quantum(units)
-    return [1 - k / q for k in range(q, 0, -1)]
+    return [1 - k / q for k in range(q, 0, -1) if stock_keeps_width_multiple(units, Fraction(k, q), round_to)]
 
 
 def stock_keep_ratio(units: UnitSet, sparsity: float) -> Fraction:
@@ -416,30 +433,47 @@ def stock_config(model, keep: Fraction) -> dict:
     return config
 
 
-def sparsity_for_macs(model, units: UnitSet, macs_fraction: float) -> Tuple[float, float]:
+def sparsity_for_macs(model, units: UnitSet, macs_fraction: float, round_to: int = 1) -> Tuple[float, float]:
     """The unit sparsity whose stock model has the MACs closest to ``macs_fraction`` of the dense MACs.
 
     MACs are counted with attention matmuls, on shapes only (the models are built on the meta
     device). The stock grid is exact for the stock layout; for global (per-layer) selection it is
     the uniform-width estimate, and the exported model's real MACs are what the reports show.
+    With ``round_to > 1`` the grid holds only sparsities whose widths are all multiples of
+    ``round_to`` channels (see :func:`stock_sparsities`).
 
     Returns
     -------
     (sparsity, achieved_fraction)
     """
+    from .selection import check_round_to
+
+    if not 0 < macs_fraction <= 1:
+        raise ValueError(f"A MACs target is a fraction of the dense MACs in (0, 1], got {macs_fraction!r}.")
+    check_round_to(round_to)
+    q = stock_unit_quantum(units)
+    dense = _stock_macs(_config_key(stock_config(model, Fraction(1))))
+    best = (0.0, 1.0)
+    for k in range(q, 0, -1):
+        keep = Fraction(k, q)
+        if not stock_keeps_width_multiple(units, keep, round_to):
+            continue
+        fraction = _stock_macs(_config_key(stock_config(model, keep))) / dense
+        if abs(fraction - macs_fraction) < abs(best[1] - macs_fraction):
+            best = (float(1 - keep), fraction)
+    return best
+
+
+def _config_key(config: dict) -> str:
+    return json.dumps(config, sort_keys=True, default=list)
+
+
+@lru_cache(maxsize=512)
+def _stock_macs(config_key: str) -> int:
+    """MACs of a stock config, counted once per config on the meta device (a grid search asks again)."""
     from diffusers import UNet2DModel
 
     from .counting import count_macs
 
-    if not 0 < macs_fraction <= 1:
-        raise ValueError(f"A MACs target is a fraction of the dense MACs in (0, 1], got {macs_fraction!r}.")
-    q = stock_unit_quantum(units)
     with torch.device("meta"):
-        dense = count_macs(UNet2DModel(**stock_config(model, Fraction(1))))
-        best = (0.0, 1.0)
-        for k in range(q, 0, -1):
-            keep = Fraction(k, q)
-            fraction = count_macs(UNet2DModel(**stock_config(model, keep))) / dense
-            if abs(fraction - macs_fraction) < abs(best[1] - macs_fraction):
-                best = (float(1 - keep), fraction)
-    return best
+        return count_macs(UNet2DModel(**json.loads(config_key)))

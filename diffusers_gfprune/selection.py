@@ -3,12 +3,18 @@
 ``local``: the same fraction of every family (what the stock layout needs).
 ``global``: one ranking across all families, with a floor so that no family is emptied (the
 per-layer layout). Ties are broken by unit order, so selection is deterministic.
+
+Width rounding (``round_to``): vector units and oneDNN/cuDNN kernels run fastest on channel counts
+that are multiples of 8, 16 or 32, so a selection can round the kept width of every family to a
+multiple of ``round_to`` channels (:func:`round_widths`). Rounding is in channels, at the
+granularity of the family's units (GroupNorm groups, heads): the kept width becomes a multiple of
+``lcm(round_to, unit_size)``, at least one such multiple, and never more than the dense width.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -78,12 +84,104 @@ def select_global(
     return pruned
 
 
-def select(scores, units: UnitSet, sparsity: float, selection: str = "local", min_keep_fraction: float = 0.1):
+def check_round_to(round_to: int) -> None:
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise ValueError(f"round_to must be an integer >= 1 (a channel multiple, e.g. 8 or 32), got {round_to!r}.")
+
+
+def rounded_width(num_channels: int, unit_size: int, kept_channels: int, round_to: int) -> int:
+    """The kept width of one family after rounding to a multiple of ``round_to`` channels.
+
+    Parameters
+    ----------
+    num_channels : int
+        Dense width of the family.
+    unit_size : int
+        Channels per unit (a GroupNorm group, a head, or 1).
+    kept_channels : int
+        Width kept by the selection, a multiple of ``unit_size``.
+    round_to : int
+        Channel multiple.
+
+    Returns
+    -------
+    int
+        The allowed width nearest to ``kept_channels`` (ties: the wider one). Allowed widths are
+        the multiples of ``lcm(round_to, unit_size)`` from one multiple up to ``num_channels``,
+        and ``num_channels`` itself; a family narrower than one multiple keeps its dense width.
+    """
+    check_round_to(round_to)
+    step = math.lcm(round_to, unit_size)
+    allowed = list(range(step, num_channels + 1, step))
+    if num_channels not in allowed:
+        allowed.append(num_channels)
+    return min(allowed, key=lambda w: (abs(w - kept_channels), -w))
+
+
+def round_widths(
+    pruned: Dict[str, torch.Tensor], units: UnitSet, round_to: int, scores: Optional[Dict[str, torch.Tensor]] = None
+) -> Dict[str, torch.Tensor]:
+    """Adjust "pruned" flags so that every family keeps a multiple of ``round_to`` channels.
+
+    A family that must grow gets back its highest-scoring pruned units; one that must shrink loses
+    its lowest-scoring kept units (without scores: unit order). See :func:`rounded_width` for the
+    allowed widths. ``round_to=1`` returns the flags unchanged.
+
+    Parameters
+    ----------
+    pruned : dict of str to torch.Tensor
+        Boolean flags per family (True = pruned), as returned by :func:`select`.
+    units : UnitSet
+    round_to : int
+        Channel multiple (e.g. 8, 16 or 32).
+    scores : dict of str to torch.Tensor, optional
+        Unit scores (higher = keep) that decide which units move.
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        New flags; the input is not modified.
+    """
+    check_round_to(round_to)
+    out = {}
+    for family in units:
+        flags = pruned[family.name].clone()
+        if round_to > 1:
+            kept = family.num_units - int(flags.sum())
+            width = rounded_width(family.num_channels, family.unit_size, kept * family.unit_size, round_to)
+            target = width // family.unit_size
+            score = scores[family.name].double().cpu() if scores is not None else torch.zeros(family.num_units, dtype=torch.float64)
+            if target > kept:
+                candidates = flags.nonzero().squeeze(1)
+                # Highest scores come back first; ties in unit order.
+                back = candidates[_lowest(-score[candidates], target - kept)]
+                flags[back] = False
+            elif target < kept:
+                candidates = (~flags).nonzero().squeeze(1)
+                flags[candidates[_lowest(score[candidates], kept - target)]] = True
+        out[family.name] = flags
+    return out
+
+
+def select(
+    scores, units: UnitSet, sparsity: float, selection: str = "local", min_keep_fraction: float = 0.1, round_to: int = 1
+):
+    """Boolean "pruned" flags per family: :func:`select_local` or :func:`select_global`, then
+    :func:`round_widths` when ``round_to > 1``.
+
+    With ``selection="local"`` and the stock layout, rounding family by family would break the
+    common keep ratio; pick a stock sparsity whose widths are already multiples instead
+    (:func:`diffusers_gfprune.export.stock_sparsities` with ``round_to``), for which rounding is a
+    no-op.
+    """
+    check_round_to(round_to)
     if selection == "local":
-        return select_local(scores, units, sparsity)
-    if selection == "global":
-        return select_global(scores, units, sparsity, min_keep_fraction)
-    raise ValueError(f"Unknown selection {selection!r}; choose one of {SELECTIONS}.")
+        pruned = select_local(scores, units, sparsity)
+    elif selection == "global":
+        pruned = select_global(scores, units, sparsity, min_keep_fraction)
+    else:
+        raise ValueError(f"Unknown selection {selection!r}; choose one of {SELECTIONS}.")
+    return round_widths(pruned, units, round_to, scores) if round_to > 1 else pruned
 
 
 def masks_from_pruned(pruned: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
