@@ -333,7 +333,7 @@ def write_report(results: dict, args, docs_dir: str, curves_png: str, grid_png: 
         "",
         f"Wall time of the whole benchmark: {results['wall_seconds'] / 60:.1f} min ({results['wall_seconds']:.0f} s) on "
         f"{results['machine']}; pruning runs {results['runs_seconds'] / 60:.1f} min, final evaluation "
-        f"{results['evaluation_seconds'] / 60:.1f} min.",
+        f"{results['evaluation_seconds'] / 60:.1f} min. Code: {results['code']}.",
         "",
         f"Budget per run: {c['max_train_steps']} steps at batch {c['train_batch_size']}, soft phase to step "
         f"{c['soft_steps']}, export at step {c['pruning_steps']} (re-scoring every {c['rescore_every']} steps on "
@@ -471,6 +471,20 @@ def _write_json(data, path: str) -> None:
     _write_text(path, json.dumps(data, indent=2) + "\n")
 
 
+def _code_version() -> str:
+    """The commit the benchmark ran on, and the tracked files that differed from it (they change the numbers)."""
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        changed = subprocess.run(["git", "diff", "--name-only", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                                 check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return commit + (f" with uncommitted changes in {', '.join(changed)}" if changed else "")
+
+
 def _machine() -> str:
     text = f"{os.cpu_count()} CPU cores, torch {torch.__version__} with {torch.get_num_threads()} threads" + (
         f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU")
@@ -485,6 +499,7 @@ def main(argv=None):
     command = "python benchmarks/criteria.py" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(
         sys.argv[1:] if argv is None else argv))
     source = validate(args)
+    code_version = _code_version()  # now: the modules are imported at the start of the run
     started = time.time()
     from diffusers_gfprune import evaluation
     from diffusers_gfprune.teacher import load_teacher, resolve_teacher
@@ -552,6 +567,7 @@ def main(argv=None):
     results = {
         "command": command,
         "machine": _machine(),
+        "code": code_version,
         "criteria": list(args.criteria),
         "config": config,
         "teacher": teacher_row,

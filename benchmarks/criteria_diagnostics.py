@@ -6,10 +6,13 @@ prepares it (stock layout: the time sinusoid narrowed once), for every criterion
 
 * stability: the criterion scores the units on several independent mini-batches (as one re-scoring does);
   the Spearman rank correlation of the unit scores between two mini-batches (mean over pairs, within each
-  unit family, weighted by its units), and the overlap of the units each mini-batch would prune;
+  unit family, weighted by its units), the same between the means of two halves of the mini-batches (is
+  there a signal that averaging recovers?), and the overlap of the units each mini-batch would prune;
 * one-shot damage: the units selected from the scores averaged over the mini-batches are hard-masked at the
   target sparsity, and the DDPM loss and the squared gradient norm ``G = ||grad L||^2`` (the quantity the
   gradient-flow criterion protects) are measured on held-out test digits, against the unmasked teacher;
+* for gradient flow, the same one-shot measurement with its scores used the other way round (prune the
+  highest ``theta.Hg``) and by magnitude (prune the lowest ``|theta.Hg|``);
 * agreement: the overlap of the pruned sets of every pair of criteria.
 
     python benchmarks/criteria_diagnostics.py --output docs/benchmarks_criteria_diagnostics.json
@@ -84,6 +87,18 @@ def overlap(a: dict, b: dict) -> float:
     return both / size if size else float("nan")
 
 
+def one_shot(model, masks, units, pruned: dict, eval_losses) -> tuple:
+    """Loss and G with the ``pruned`` units hard-masked (the masks are restored to 1 afterwards)."""
+    for family in units:
+        values = torch.ones(family.num_units)
+        values[pruned[family.name]] = 0.0
+        masks.set_family(family.name, values)
+    try:
+        return loss_and_gradient_norm(model, eval_losses)
+    finally:
+        masks.fill_(1.0)
+
+
 def loss_and_gradient_norm(model, eval_losses) -> tuple:
     params = [p for p in model.parameters() if p.requires_grad]
     grads = [torch.zeros_like(p) for p in params]
@@ -143,17 +158,27 @@ def main(argv=None):
             rho.append(sum(v * w for v, w in values) / sum(w for _, w in values))
         picks = [select(s, units, sparsity, "local") for s in per_batch]
         agree = [overlap(a, b) for a, b in itertools.combinations(picks, 2)]
+        half = len(per_batch) // 2
+        halves = [{k: torch.stack([s[k] for s in part]).mean(0) for k in per_batch[0]}
+                  for part in (per_batch[:half], per_batch[half:2 * half])]
+        split_half = [(spearman(halves[0][k], halves[1][k]), weights[k]) for k in halves[0] if weights[k] > 1]
         mean_scores = {k: torch.stack([s[k] for s in per_batch]).mean(0) for k in per_batch[0]}
         pruned = select(mean_scores, units, sparsity, "local")
         selections[name] = pruned
-        for family in units:
-            values = torch.ones(family.num_units)
-            values[pruned[family.name]] = 0.0
-            masks.set_family(family.name, values)
-        loss, g = loss_and_gradient_norm(student, eval_losses)
-        masks.fill_(1.0)
+        loss, g = one_shot(student, masks, units, pruned, eval_losses)
+        if name == "gradient_flow":
+            # The same scores used the other way round: does the sign convention (prune the lowest theta.Hg,
+            # i.e. the units whose removal raises ||g||^2 most) or the magnitude carry the damage?
+            variants = {}
+            for label, scores in (("prune highest theta.Hg (reversed)", {k: -v for k, v in mean_scores.items()}),
+                                  ("prune lowest |theta.Hg|", {k: v.abs() for k, v in mean_scores.items()})):
+                v_loss, v_g = one_shot(student, masks, units, select(scores, units, sparsity, "local"), eval_losses)
+                variants[label] = {"one_shot_loss": v_loss, "one_shot_loss_ratio": v_loss / dense_loss,
+                                   "one_shot_gradient_norm_sq": v_g, "one_shot_gradient_norm_ratio": v_g / dense_g}
+            results["gradient_flow_variants"] = variants
         results["criteria"][name] = {
             "score_rank_correlation_between_batches": float(np.mean(rho)),
+            "score_rank_correlation_split_half_means": sum(v * w for v, w in split_half) / sum(w for _, w in split_half),
             "pruned_set_overlap_between_batches": float(np.mean(agree)),
             "one_shot_loss": loss, "one_shot_loss_ratio": loss / dense_loss,
             "one_shot_gradient_norm_sq": g, "one_shot_gradient_norm_ratio": g / dense_g,
@@ -181,16 +206,21 @@ def markdown(results: dict) -> str:
         f"G = ||grad L||^2 {results['dense']['gradient_norm_sq']:.3g}; {results['num_units']} units, "
         f"unit sparsity {results['unit_sparsity']:.4g}.",
         "",
-        "| criterion | rank correlation of scores between mini-batches | pruned-set overlap between mini-batches | "
-        "one-shot loss (x dense) | one-shot G (x dense) | seconds per scoring |",
-        "|---|---|---|---|---|---|",
+        "| criterion | rank correlation of scores between mini-batches | same, between means of two halves of the "
+        "mini-batches | pruned-set overlap between mini-batches | one-shot loss (x dense) | one-shot G (x dense) | "
+        "seconds per scoring |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, r in results["criteria"].items():
         lines.append(
-            f"| {name} | {r['score_rank_correlation_between_batches']:.3f} | {r['pruned_set_overlap_between_batches']:.3f} | "
+            f"| {name} | {r['score_rank_correlation_between_batches']:.3f} | "
+            f"{r['score_rank_correlation_split_half_means']:.3f} | {r['pruned_set_overlap_between_batches']:.3f} | "
             f"{r['one_shot_loss']:.4f} ({r['one_shot_loss_ratio']:.1f}x) | {r['one_shot_gradient_norm_sq']:.3g} "
             f"({r['one_shot_gradient_norm_ratio']:.1f}x) | {r['seconds_per_scoring']:.1f} |"
         )
+    for label, r in results.get("gradient_flow_variants", {}).items():
+        lines.append(f"| gradient_flow scores, {label} | | | | {r['one_shot_loss']:.4f} ({r['one_shot_loss_ratio']:.1f}x) | "
+                     f"{r['one_shot_gradient_norm_sq']:.3g} ({r['one_shot_gradient_norm_ratio']:.1f}x) | |")
     lines += ["", "Overlap of the pruned sets: " + ", ".join(
         f"{k} {v:.2f}" for k, v in results["pruned_set_overlap_between_criteria"].items()) + "."]
     return "\n".join(lines)
