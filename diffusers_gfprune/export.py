@@ -154,19 +154,33 @@ def stock_sparsities(units: UnitSet, round_to: int = 1) -> List[float]:
     return [1 - k / q for k in range(q, 0, -1) if stock_keeps_width_multiple(units, Fraction(k, q), round_to)]
 
 
-def stock_keep_ratio(units: UnitSet, sparsity: float) -> Fraction:
-    """Keep ratio of the stock layout for ``sparsity``; a clear error if it cannot be met."""
+def stock_keep_ratio(units: UnitSet, sparsity: float, round_to: int = 1) -> Fraction:
+    """Keep ratio of the stock layout for ``sparsity``; a clear error if it cannot be met.
+
+    With ``round_to > 1`` the sparsity must also leave every width a multiple of ``round_to``
+    channels (see :func:`stock_sparsities`).
+    """
+    from .selection import check_round_to
+
     check_sparsity(sparsity)
+    check_round_to(round_to)
     q = stock_unit_quantum(units)
     keep = Fraction(1 - sparsity).limit_denominator(10**6)
-    if (keep * q).denominator != 1:
-        achievable = stock_sparsities(units)
+    on_grid = (keep * q).denominator == 1
+    if not on_grid or not stock_keeps_width_multiple(units, keep, round_to):
+        achievable = stock_sparsities(units, round_to)
         near = sorted(achievable, key=lambda s: abs(s - sparsity))[:3]
+        why = (
+            f"it keeps the same fraction of every unit family, and the families of this model split into "
+            f"multiples of 1/{q} (GroupNorm groups and attention heads)"
+            if not on_grid
+            else f"keeping {float(keep):.4g} of every family leaves some widths that are not multiples of "
+            f"round_to={round_to} channels"
+        )
         raise ValueError(
-            f"The stock layout cannot prune {sparsity:.4g} of the units: it keeps the same fraction of "
-            f"every unit family, and the families of this model split into multiples of 1/{q} "
-            f"(GroupNorm groups and attention heads). Nearest achievable sparsities: "
-            f"{', '.join(f'{s:.4g}' for s in sorted(near))}; or use layout='per-layer', which takes any sparsity."
+            f"The stock layout cannot prune {sparsity:.4g} of the units: {why}. Nearest achievable sparsities"
+            f"{f' with round_to={round_to}' if round_to > 1 else ''}: {', '.join(f'{s:.4g}' for s in sorted(near))}; "
+            "or use layout='per-layer', which takes any sparsity."
         )
     return keep
 

@@ -27,7 +27,7 @@ import torch
 from . import schedules
 from .criteria import Criterion, get_criterion
 from .masks import UnitMasks
-from .selection import SELECTIONS, prune_counts_local, select
+from .selection import SELECTIONS, check_round_to, prune_counts_local, select
 from .units import UnitSet
 
 PHASES = ("soft", "hard", "done")
@@ -55,6 +55,13 @@ class PrunerConfig:
                           "unbounded swapping zeroes a different half of the selection at every re-scoring."},
     )
 
+    round_to: int = field(
+        default=1,
+        metadata={"help": "Round every family's kept width to a multiple of this many channels (8, 16, 32: faster "
+                          "kernels, see docs/speed.md); 1 = no rounding. With local selection (stock layout), give a "
+                          "target sparsity whose widths are already multiples (export.stock_sparsities(units, round_to))."},
+    )
+
     def __post_init__(self):
         if not isinstance(self.target_sparsity, (int, float)) or not 0 <= self.target_sparsity < 1:
             raise ValueError(f"target_sparsity must lie in [0, 1), got {self.target_sparsity!r}.")
@@ -73,6 +80,7 @@ class PrunerConfig:
             raise ValueError("score_ema must lie in [0, 1).")
         if not 0 <= self.reactivation_fraction <= 1:
             raise ValueError(f"reactivation_fraction must lie in [0, 1], got {self.reactivation_fraction!r}.")
+        check_round_to(self.round_to)
 
     @classmethod
     def from_total_steps(cls, max_train_steps: int, soft_fraction: float = 0.1, pruning_fraction: float = 0.2, **kwargs):
@@ -176,7 +184,8 @@ class GradientFlowPruner:
         if phase != "done" and self.is_rescoring_step(step):
             self._rescore(losses, phase)
             proposal = select(
-                self.scores, self.units, self.sparsity_at(step), self.config.selection, self.config.min_keep_fraction
+                self.scores, self.units, self.sparsity_at(step), self.config.selection, self.config.min_keep_fraction,
+                self.config.round_to,
             )
             previous = self.pruned
             self.pruned = self._evolve(previous, proposal, phase)

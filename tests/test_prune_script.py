@@ -210,6 +210,10 @@ BAD_INPUT_CASES = [
     ("push_without_token", _no_token, r"--push_to_hub needs a Hub token"),
     ("unknown_criterion", lambda c: ["--criterion", "magic"], r"Unknown criterion 'magic'; choose one of \["),
     ("zero_batch_size", lambda c: ["--train_batch_size", "0"], r"--train_batch_size must be >= 1, got 0"),
+    ("round_to_zero", lambda c: ["--round_to", "0"], r"--round_to is a channel multiple >= 1 .*got 0"),
+    ("stock_target_with_widths_off_round_to",  # 0.25 keeps 12 of the 16 channels: not a multiple of 8
+     lambda c: ["--layout", "stock", "--target_sparsity", "0.25", "--round_to", "8"],
+     r"cannot prune 0.25 .*not multiples of round_to=8.*sparsities with round_to=8: 0, 0.5;"),
 ]
 
 
@@ -342,6 +346,28 @@ def test_bare_unet_teacher_per_layer_layout(prune, tiny_teacher, tmp_path):
     assert summary["pruned"]["params"] < summary["dense"]["params"]
     with torch.no_grad():
         assert unet(torch.randn(1, 1, 16, 16), 10).sample.shape == (1, 1, 16, 16)
+
+
+@pytest.mark.parametrize("layout, target", [("per-layer", ["--target_sparsity", "0.3"]), ("stock", ["--target_macs", "0.5"])])
+def test_round_to_gives_widths_in_multiples(layout, target, prune, tiny_teacher, tmp_path):
+    """--round_to 8: every kept width of the exported model is a multiple of 8 channels (or the dense width)."""
+    output_dir = tmp_path / "run"
+    prune.main(["--pretrained_model_name_or_path", tiny_teacher["pipeline"], "--output_dir", str(output_dir),
+                "--train_batch_size", "4", "--max_train_steps", "4", "--soft_steps", "1", "--pruning_steps", "2",
+                "--rescore_every", "1", "--checkpointing_steps", "100", "--layout", layout, *target, "--round_to", "8",
+                "--num_eval_images", "0", "--num_validation_images", "2", "--validation_steps", "100", "--report_to", "none"])
+    summary = json.loads((output_dir / "pruning_summary.json").read_text())
+    assert summary["pruner"]["round_to"] == 8
+    from diffusers import UNet2DModel
+
+    from diffusers_gfprune.units import find_units
+
+    units = {f.name: f for f in find_units(UNet2DModel.from_pretrained(tiny_teacher["pipeline"], subfolder="unet"))}
+    masks = load_file(str(output_dir / "pruning_masks.safetensors"))
+    widths = {name: int(m.sum()) * units[name].unit_size for name, m in masks.items()}
+    assert any(w < units[n].num_channels for n, w in widths.items()), "nothing was pruned"
+    off = {n: w for n, w in widths.items() if w % 8 and w != units[n].num_channels}
+    assert not off, f"widths not multiples of 8: {off}"
 
 
 # ---------------------------------------------------------------------- accelerate launch, two processes

@@ -74,6 +74,10 @@ def parse_args(argv=None):
     p.add_argument("--reactivation_fraction", type=float, default=0.05,
                    help="Hard phase: at most this fraction of a family's pruned units swap back in per re-scoring.")
     p.add_argument("--min_keep_fraction", type=float, default=0.1, help="per-layer: every family keeps at least this fraction.")
+    p.add_argument("--round_to", type=int, default=1,
+                   help="Keep every width a multiple of this many channels (8, 16 or 32 run faster; see docs/speed.md). "
+                        "stock: --target_macs picks the nearest sparsity whose widths are all multiples; per-layer: "
+                        "the selection rounds each family. 1 = no rounding.")
     e = parser.add_argument_group("evaluation (at the end of the run; the numbers go into the card)")
     e.add_argument("--num_eval_images", type=int, default=300,
                    help="Image pairs (teacher, pruned) sampled from the same noise for SSIM and FID/KID; 0 skips the evaluation.")
@@ -108,6 +112,7 @@ def pruning_config(args) -> PrunerConfig:
         min_keep_fraction=args.min_keep_fraction,
         score_ema=args.score_ema,
         reactivation_fraction=args.reactivation_fraction,
+        round_to=args.round_to,
     )
 
 
@@ -124,6 +129,8 @@ def validate(args):
         raise ValueError(f"--target_macs is a fraction of the dense MACs in (0, 1], got {args.target_macs}.")
     if args.score_batches < 1:
         raise ValueError("--score_batches must be >= 1.")
+    if args.round_to < 1:
+        raise ValueError(f"--round_to is a channel multiple >= 1 (e.g. 8 or 32; 1 = no rounding), got {args.round_to}.")
     if args.num_eval_images == 1 or args.num_eval_images < 0:
         raise ValueError(f"--num_eval_images must be 0 (no evaluation) or at least 2, got {args.num_eval_images}.")
     if args.eval_fid == evaluation.DIGITS_FEATURE_EXTRACTOR and args.dataset_name != "digits":
@@ -153,9 +160,10 @@ def validate(args):
     # The units, the MACs target and the stock grid need only the teacher's config (a model on the meta device).
     units = find_units(_meta_model(source.unet_config))
     if args.target_sparsity is None:
-        args.target_sparsity, _ = export.sparsity_for_macs(_meta_model(source.unet_config), units, args.target_macs)
+        round_to = args.round_to if args.layout == "stock" else 1
+        args.target_sparsity, _ = export.sparsity_for_macs(_meta_model(source.unet_config), units, args.target_macs, round_to)
     if args.layout == "stock":
-        export.stock_keep_ratio(units, args.target_sparsity)  # a clear error if the layout cannot meet it
+        export.stock_keep_ratio(units, args.target_sparsity, args.round_to)  # a clear error if the layout cannot meet it
     pruning_config(args)  # phase lengths
     training.resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)  # a missing checkpoint folder
     # Image data sets reveal their channel count only when loaded (their first image); the data set is kept for main.
