@@ -115,16 +115,19 @@ def resolve_model(path, revision, cache_dir, token, trust_remote_code: bool, wha
         return "remote", path
 
 
-def load_model(resolved, revision, cache_dir, token):
-    """The UNet and scheduler of a :func:`resolve_model` result (safetensors only)."""
+def load_model(resolved, revision, cache_dir, token, trust_remote_code: bool = False):
+    """The UNet and scheduler of a :func:`resolve_model` result (safetensors only).
+
+    ``trust_remote_code`` is the user's ``--trust_remote_code``, passed through unchanged: without it
+    diffusers refuses a UNet defined by code in the repo.
+    """
     kind, source = resolved
     if kind == "package":
         return load_teacher(source, cache_dir, token)
     from diffusers import DiffusionPipeline
 
-    # trust_remote_code is set here only because the user passed --trust_remote_code (see resolve_model).
     pipeline = DiffusionPipeline.from_pretrained(source, revision=revision, cache_dir=cache_dir, token=token,
-                                                 trust_remote_code=True, use_safetensors=True)
+                                                 trust_remote_code=trust_remote_code, use_safetensors=True)
     return pipeline.unet, pipeline.scheduler
 
 
@@ -239,8 +242,8 @@ def main(argv=None):
     pruned_source, teacher_source, data_config, digits = validate(args)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     started = time.time()
-    pruned_unet, _ = load_model(pruned_source, args.revision, args.cache_dir, args.hub_token)
-    teacher_unet, scheduler = load_model(teacher_source, args.teacher_revision, args.cache_dir, args.hub_token)
+    pruned_unet, _ = load_model(pruned_source, args.revision, args.cache_dir, args.hub_token, args.trust_remote_code)
+    teacher_unet, scheduler = load_model(teacher_source, args.teacher_revision, args.cache_dir, args.hub_token, args.trust_remote_code)
     if _shape(dict(pruned_unet.config)) != _shape(dict(teacher_unet.config)):
         raise ValueError(
             f"The pruned UNet takes (in_channels, out_channels, sample_size) = {_shape(dict(pruned_unet.config))} but the "
