@@ -501,7 +501,7 @@ def main(argv=None):
     source = validate(args)
     code_version = _code_version()  # now: the modules are imported at the start of the run
     started = time.time()
-    from diffusers_gfprune import evaluation
+    from diffusers_gfprune import counting, evaluation
     from diffusers_gfprune.teacher import load_teacher, resolve_teacher
 
     os.makedirs(args.output_dir, exist_ok=True)
@@ -527,7 +527,7 @@ def main(argv=None):
         "kid_digits_classifier": teacher_scores["kid_digits_classifier_mean"],
         "recognized_fraction": evaluation.digits_accuracy(teacher_images)["recognized_fraction"],
         "validation_fid": validation_fid_of_teacher(args, teacher, scheduler, args.seeds, reference),
-        **evaluation.model_counts(teacher, size),
+        **counting.model_counts(teacher, size),
     }
     grid_rows, grid_labels = [teacher_images[:args.num_grid_images]], ["teacher"]
     runs = []
@@ -539,7 +539,7 @@ def main(argv=None):
         row = {
             "criterion": done["criterion"], "seed": done["seed"], "run_dir": done["run_dir"],
             **measure(images, teacher_images, reference),
-            **evaluation.model_counts(unet, size),
+            **counting.model_counts(unet, size),
             **{k: summary[k] for k in ("pruning_stage_seconds", "pruning_criterion_seconds", "finetune_seconds", "wall_seconds")},
             "target_sparsity": summary["target_sparsity"],
             "time_reembedding_error": summary["time_reembedding_error"],

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["MacCount", "count_parameters", "count_macs", "count_mac_breakdown", "format_count"]
+__all__ = ["MacCount", "count_parameters", "count_macs", "count_mac_breakdown", "model_counts", "format_count"]
 
 
 @dataclass(frozen=True)
@@ -167,6 +167,27 @@ def count_mac_breakdown(
         total=total_flops // (2 * batch_size),
         attention_matmuls=attention_flops // (2 * batch_size),
     )
+
+
+
+def model_counts(model: nn.Module, sample_size: int | tuple[int, int] | None = None) -> dict[str, int]:
+    """Parameters and MACs per image of one forward pass (one sampling step), as reports list them.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        As for :func:`count_mac_breakdown`.
+    sample_size : int or tuple of int, optional
+        Default: ``model.config.sample_size``.
+
+    Returns
+    -------
+    dict
+        ``params``, ``macs`` (attention matrix products included) and ``macs_without_attention``
+        (what hook-based counters report).
+    """
+    macs = count_mac_breakdown(model, sample_size)
+    return {"params": count_parameters(model), "macs": macs.total, "macs_without_attention": macs.without_attention}
 
 
 def format_count(value: float, precision: int = 1) -> str:

@@ -1248,27 +1248,6 @@ def evaluate_against_teacher(
 # --------------------------------------------------------------------------------------------
 
 
-def model_counts(unet, sample_size: Optional[Union[int, Tuple[int, int]]] = None) -> dict:
-    """Parameters and MACs per image of one forward pass (one sampling step).
-
-    Parameters
-    ----------
-    unet : diffusers.UNet2DModel
-    sample_size : int or (int, int), optional
-        Default: ``unet.config.sample_size``.
-
-    Returns
-    -------
-    dict
-        ``params``, ``macs`` (attention matrix products included) and ``macs_without_attention``
-        (what hook-based counters report), see :mod:`diffusers_gfprune.counting`.
-    """
-    from .counting import count_mac_breakdown, count_parameters
-
-    macs = count_mac_breakdown(unet, sample_size)
-    return {"params": count_parameters(unet), "macs": macs.total, "macs_without_attention": macs.without_attention}
-
-
 def _fmt_value(value) -> str:
     if value is None:
         return "n/a"
@@ -1296,7 +1275,7 @@ def comparison_markdown(
         From :func:`evaluate_against_teacher`; one row per metric with how it was measured, then
         what was not computed and why.
     counts : dict, optional
-        ``{"teacher": model_counts(teacher), "pruned": model_counts(pruned)}``.
+        ``{"teacher": counting.model_counts(teacher), "pruned": counting.model_counts(pruned)}``.
     throughput : ThroughputComparison, optional
         From :func:`compare_throughput`; the speed-up with its spread over the repeats.
     title : str, optional
@@ -1343,4 +1322,4 @@ def comparison_markdown(
     return "\n".join(lines)
 
 
-__all__ += ["model_counts", "comparison_markdown"]
+__all__ += ["comparison_markdown"]

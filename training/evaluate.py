@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from diffusers_gfprune import data, evaluation, training
+from diffusers_gfprune import counting, data, evaluation, training
 from diffusers_gfprune.sampling import comparison_grid
 from diffusers_gfprune.teacher import SUPPORTED_CLASSES, load_teacher, resolve_teacher
 
@@ -221,7 +221,7 @@ def evaluate(args, pruned_unet, teacher_unet, scheduler, data_config, digits: bo
         inception_weights=args.inception_weights, batch_size=args.eval_batch_size,
     )
     sample_size = data_config.resolution
-    counts = {"teacher": evaluation.model_counts(teacher_unet, sample_size), "pruned": evaluation.model_counts(pruned_unet, sample_size)}
+    counts = {"teacher": counting.model_counts(teacher_unet, sample_size), "pruned": counting.model_counts(pruned_unet, sample_size)}
     throughput = None
     if args.throughput_repeats:
         throughput = evaluation.compare_throughput(teacher_unet, pruned_unet, batch_size=args.throughput_batch_size,

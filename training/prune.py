@@ -30,7 +30,7 @@ from diffusers import DDIMScheduler, DDPMPipeline, UNet2DModel
 from tqdm.auto import tqdm
 
 from diffusers_gfprune import data, evaluation, export, training
-from diffusers_gfprune.counting import count_mac_breakdown, count_parameters
+from diffusers_gfprune.counting import count_parameters, model_counts
 from diffusers_gfprune.criteria import CRITERIA, get_criterion
 from diffusers_gfprune.modeling_pruned_unet import PrunedUNet2DModel
 from diffusers_gfprune.plotting import plot_pruning_run
@@ -289,7 +289,7 @@ def main(argv=None):
     fixed_noise = torch.randn((args.num_validation_images, in_channels, sample_size, sample_size), generator=torch.Generator().manual_seed(args.seed))
     ddim = DDIMScheduler.from_config(noise_scheduler.config)
     teacher_images = sample_images(teacher, ddim, fixed_noise, args.num_inference_steps) if accelerator.is_main_process else None
-    dense_stats = {"params": count_parameters(teacher), "macs": count_mac_breakdown(teacher, sample_size)}
+    dense_stats = model_counts(teacher, sample_size)
 
     steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
     progress = tqdm(total=args.max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="prune")
@@ -385,7 +385,7 @@ def main(argv=None):
         plot_pruning_run(state["history"], os.path.join(args.output_dir, "pruning_curves.png"), config.soft_steps, config.pruning_steps,
                          title=f"{args.criterion}, {args.layout} layout, unit sparsity {args.target_sparsity:.3g}")
         comparison = _evaluate(args, teacher, unet, noise_scheduler, dataset, data_config)
-        pruned_stats = _stats(unet, sample_size)
+        pruned_stats = model_counts(unet, sample_size)
         summary = {
             "teacher": source.path,
             "criterion": args.criterion,
@@ -394,7 +394,7 @@ def main(argv=None):
             "target_macs": args.target_macs,
             "pruner": {k: getattr(config, k) for k in config.__dataclass_fields__},
             "time_reembedding_error": reembedding.embedding_relative_error if reembedding else None,
-            "dense": {"params": dense_stats["params"], "macs": dense_stats["macs"].total, "macs_without_attention": dense_stats["macs"].without_attention},
+            "dense": dense_stats,
             "pruned": pruned_stats,
             "final_loss": loss_value,
             "max_train_steps": args.max_train_steps,
@@ -520,11 +520,6 @@ def _save_masks(masks, units, args, path):
     metadata = {"layout": args.layout, "target_sparsity": repr(args.target_sparsity), "criterion": args.criterion,
                 "families": json.dumps([f.name for f in units]), "format": "1 = unit kept, 0 = unit pruned"}
     save_file({k: masks[k].float().contiguous() for k in masks}, path, metadata=metadata)
-
-
-def _stats(unet, sample_size):
-    macs = count_mac_breakdown(unet, sample_size)
-    return {"params": count_parameters(unet), "macs": macs.total, "macs_without_attention": macs.without_attention}
 
 
 def _export_and_rebuild(accelerator, student, ema, pruner, units, args, global_step):
