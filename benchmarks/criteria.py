@@ -417,6 +417,8 @@ def plot_curves(runs: list, criteria, teacher_fid: float, soft_steps: int, pruni
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from diffusers_gfprune.plotting import save_figure
+
     fig, (ax_fid, ax_loss) = plt.subplots(2, 1, figsize=(7.5, 7), sharex=True)
     colors = plt.get_cmap("tab10")
     for i, crit in enumerate(criteria):
@@ -444,11 +446,7 @@ def plot_curves(runs: list, criteria, teacher_fid: float, soft_steps: int, pruni
         ax.axvline(soft_steps, color="k", ls=":", lw=0.8)
         ax.axvline(pruning_steps, color="k", ls="--", lw=0.8)
     fig.tight_layout()
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
 
 
 def save_grid(rows, labels, path: str) -> str:

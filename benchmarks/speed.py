@@ -68,6 +68,7 @@ from diffusers_gfprune.export import export_model, reembed_time, sparsity_for_ma
 from diffusers_gfprune.pruner import GradientFlowPruner, PrunerConfig  # noqa: E402
 from diffusers_gfprune.selection import masks_from_pruned, select  # noqa: E402
 from diffusers_gfprune.units import find_units  # noqa: E402
+from tests.architectures import CELEBAHQ_LIKE, CIFAR10  # noqa: E402
 
 REPO = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 EXPERIMENTS = ("throughput", "rounding", "channels_last", "sdpa", "compile", "overhead")
@@ -75,22 +76,9 @@ EXPERIMENTS = ("throughput", "rounding", "channels_last", "sdpa", "compile", "ov
 # the default run far past a quarter of an hour on a 2-core CPU.
 DEFAULT_EXPERIMENTS = ("throughput", "overhead")
 
-# google/ddpm-cifar10-32 (35.7M parameters).
-CIFAR10 = dict(
-    sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
-    block_out_channels=(128, 256, 256, 256),
-    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    attention_head_dim=None, freq_shift=1, flip_sin_to_cos=False, norm_eps=1e-6, downsample_padding=0,
-    norm_num_groups=32, act_fn="silu", center_input_sample=False, time_embedding_type="positional",
-    resnet_time_scale_shift="default", add_attention=True,
-)
-# google/ddpm-church-256 and google/ddpm-celebahq-256 (113.7M parameters): six levels, attention at 16x16.
-CHURCH256 = dict(
-    CIFAR10, sample_size=256, block_out_channels=(128, 128, 256, 256, 512, 512),
-    down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4,
-)
+# The real Hub layouts, defined once for the tests and this benchmark: google/ddpm-cifar10-32 (35.7M
+# parameters) and google/ddpm-church-256 / ddpm-celebahq-256 (113.7M; six levels, attention at 16x16).
+CHURCH256 = dict(CELEBAHQ_LIKE, sample_size=256)
 # training/train_ddpm.py defaults: the shipped digits teacher when its folder is absent.
 DIGITS = dict(
     sample_size=16, in_channels=1, out_channels=1, block_out_channels=(32, 64, 64), layers_per_block=1,
@@ -944,6 +932,8 @@ def plot(results: dict, path: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from diffusers_gfprune.plotting import save_figure
+
     rows = results.get("throughput", [])
     if not rows:
         return ""
@@ -976,12 +966,7 @@ def plot(results: dict, path: str) -> str:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 # ------------------------------------------------------------------------------------- main

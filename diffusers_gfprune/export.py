@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .masks import UnitMasks
+from .selection import check_round_to
 from .units import IN, OUT, UnitSet, _check_unet, export_num_groups
 
 LAYOUTS = ("stock", "per-layer")
@@ -147,8 +148,6 @@ def stock_sparsities(units: UnitSet, round_to: int = 1) -> List[float]:
     With ``round_to > 1``, only those whose every width (all block widths, attention and time
     embedding widths) is a multiple of ``round_to`` channels.
     """
-    from .selection import check_round_to
-
     check_round_to(round_to)
     q = stock_unit_quantum(units)
     return [1 - k / q for k in range(q, 0, -1) if stock_keeps_width_multiple(units, Fraction(k, q), round_to)]
@@ -160,8 +159,6 @@ def stock_keep_ratio(units: UnitSet, sparsity: float, round_to: int = 1) -> Frac
     With ``round_to > 1`` the sparsity must also leave every width a multiple of ``round_to``
     channels (see :func:`stock_sparsities`).
     """
-    from .selection import check_round_to
-
     check_sparsity(sparsity)
     check_round_to(round_to)
     q = stock_unit_quantum(units)
@@ -460,8 +457,6 @@ def sparsity_for_macs(model, units: UnitSet, macs_fraction: float, round_to: int
     -------
     (sparsity, achieved_fraction)
     """
-    from .selection import check_round_to
-
     if not 0 < macs_fraction <= 1:
         raise ValueError(f"A MACs target is a fraction of the dense MACs in (0, 1], got {macs_fraction!r}.")
     check_round_to(round_to)

@@ -69,8 +69,21 @@ def plot_pruning_run(
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str, dpi: int = 110) -> str:
+    """Write a matplotlib figure as PNG atomically (temporary name, then rename) and close it.
+
+    A reader of ``path`` (a card being rendered, an interrupted run) never sees a half-written file.
+    """
+    import matplotlib.pyplot as plt
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
+    try:
+        fig.savefig(tmp, dpi=dpi)
+    finally:
+        plt.close(fig)
     os.replace(tmp, path)
     return path

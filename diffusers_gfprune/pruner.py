@@ -54,7 +54,6 @@ class PrunerConfig:
                           "units per re-scoring, and only where the pruned unit scores higher. Mini-batch scores are noisy; "
                           "unbounded swapping zeroes a different half of the selection at every re-scoring."},
     )
-
     round_to: int = field(
         default=1,
         metadata={"help": "Round every family's kept width to a multiple of this many channels (8, 16, 32: faster "

@@ -117,13 +117,14 @@ TINY_TEACHER_ARGS = [
 ]
 
 
-def load_script(name: str):
-    """``training/<name>.py`` as a module (the folder is not a package), loaded once per session."""
+def load_script(name: str, folder: str = "training"):
+    """``<folder>/<name>.py`` (``training/`` or ``benchmarks/``, which are not packages) as a module,
+    loaded once per session and registered in ``sys.modules`` (dataclasses look their module up there)."""
     import importlib.util
 
-    module_name = f"_gfprune_script_{name}"
+    module_name = f"_gfprune_script_{name}" if folder == "training" else f"_gfprune_{folder}_{name}"
     if module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(module_name, os.path.join(REPO_ROOT, "training", f"{name}.py"))
+        spec = importlib.util.spec_from_file_location(module_name, os.path.join(REPO_ROOT, folder, f"{name}.py"))
         module = importlib.util.module_from_spec(spec)
         sys.modules[module_name] = module
         spec.loader.exec_module(module)

@@ -1,28 +1,20 @@
 """benchmarks/criteria.py --quick on a tiny teacher: every criterion runs and the report is complete (not who wins)."""
 
-import importlib.util
 import json
 import math
 import os
-import sys
 import types
 
 import pytest
 import torch
 
-from .conftest import REPO_ROOT
+from .conftest import load_script
 
 CRITERIA = ("gradient_flow", "diff_pruning", "taylor", "magnitude", "random")
 
 
 def load_benchmark():
-    name = "_gfprune_benchmark_criteria"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(REPO_ROOT, "benchmarks", "criteria.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_script("criteria", "benchmarks")
 
 
 @pytest.fixture(scope="module")
@@ -129,13 +121,7 @@ def test_bad_input_fails_before_any_run(argv, match, tiny_teacher, tmp_path):
 
 
 def test_diagnostics_on_a_tiny_teacher(tiny_teacher, tmp_path):
-    name = "_gfprune_benchmark_criteria_diagnostics"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(REPO_ROOT, "benchmarks", "criteria_diagnostics.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    diagnostics = sys.modules[name]
+    diagnostics = load_script("criteria_diagnostics", "benchmarks")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -1,24 +1,17 @@
 """The speed benchmark's quick mode: its JSON, tables and plot (never its timings)."""
 
-import importlib.util
 import json
-import os
-import sys
 
 import pytest
 import torch
 
 from diffusers_gfprune.counting import count_mac_breakdown
 
-SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "speed.py")
+from .conftest import load_script as load_benchmark_script
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("speed_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark_script("speed", "benchmarks")
 
 
 def meta_macs(model_class: str, config: dict, sample_size: int) -> int:
