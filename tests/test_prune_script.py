@@ -351,6 +351,10 @@ def test_bare_unet_teacher_per_layer_layout(prune, tiny_teacher, tmp_path):
 @pytest.mark.parametrize("layout, target", [("per-layer", ["--target_sparsity", "0.3"]), ("stock", ["--target_macs", "0.5"])])
 def test_round_to_gives_widths_in_multiples(layout, target, prune, tiny_teacher, tmp_path):
     """--round_to 8: every kept width of the exported model is a multiple of 8 channels (or the dense width)."""
+    from diffusers import UNet2DModel
+
+    from diffusers_gfprune.units import find_units
+
     output_dir = tmp_path / "run"
     prune.main(["--pretrained_model_name_or_path", tiny_teacher["pipeline"], "--output_dir", str(output_dir),
                 "--train_batch_size", "4", "--max_train_steps", "4", "--soft_steps", "1", "--pruning_steps", "2",
@@ -358,10 +362,6 @@ def test_round_to_gives_widths_in_multiples(layout, target, prune, tiny_teacher,
                 "--num_eval_images", "0", "--num_validation_images", "2", "--validation_steps", "100", "--report_to", "none"])
     summary = json.loads((output_dir / "pruning_summary.json").read_text())
     assert summary["pruner"]["round_to"] == 8
-    from diffusers import UNet2DModel
-
-    from diffusers_gfprune.units import find_units
-
     units = {f.name: f for f in find_units(UNet2DModel.from_pretrained(tiny_teacher["pipeline"], subfolder="unet"))}
     masks = load_file(str(output_dir / "pruning_masks.safetensors"))
     widths = {name: int(m.sum()) * units[name].unit_size for name, m in masks.items()}
