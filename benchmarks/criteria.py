@@ -20,7 +20,6 @@ A smoke run in seconds (what the tests run, on a tiny teacher):
 """
 
 import argparse
-import contextlib
 import importlib.util
 import json
 import math
@@ -139,38 +138,11 @@ def run_argv(args, criterion: str, seed: int, output_dir: str) -> list:
         # Only the final step's checkpoint is written (prune.py always saves the last step); it is deleted afterwards.
         "--checkpointing_steps", str(args.max_train_steps + 1), "--report_to", "none",
     ]
-    for flag in ("soft_steps", "pruning_steps", "rescore_every", "score_batch_size"):
+    # --quick's diff_pruning_timesteps: an untrained tiny teacher never reaches Diff-Pruning's stopping threshold.
+    for flag in ("soft_steps", "pruning_steps", "rescore_every", "score_batch_size", "diff_pruning_timesteps"):
         if getattr(args, flag) is not None:
             argv += [f"--{flag}", str(getattr(args, flag))]
     return argv
-
-
-@contextlib.contextmanager
-def criterion_options(prune, seed: int, diff_pruning_timesteps=None):
-    """Options prune.py has no flags for, given to the criteria it builds.
-
-    * ``random``: the run's seed. prune.py builds every criterion with its default config, and
-      ``RandomConfig.seed`` defaults to 0: without this the random baseline would select the same units for
-      every seed, and its spread over seeds would miss the variance of the selection itself.
-    * ``diff_pruning``: ``num_timesteps`` when ``--diff_pruning_timesteps`` is given (only ``--quick`` does: an
-      untrained tiny teacher never reaches the stopping threshold, so the scan would cover all 100 timesteps).
-    """
-    original = prune.get_criterion
-    options = {"random": {"seed": seed}}
-    if diff_pruning_timesteps is not None:
-        options["diff_pruning"] = {"num_timesteps": diff_pruning_timesteps}
-
-    def get_criterion(name, *a, **kw):
-        if not a:  # a config object given positionally is used as it is
-            for key, value in options.get(name, {}).items():
-                kw.setdefault(key, value)
-        return original(name, *a, **kw)
-
-    prune.get_criterion = get_criterion
-    try:
-        yield
-    finally:
-        prune.get_criterion = original
 
 
 def run_one(args, criterion: str, seed: int) -> dict:
@@ -181,12 +153,11 @@ def run_one(args, criterion: str, seed: int) -> dict:
     if args.reuse_runs and os.path.isfile(record):
         with open(record) as f:
             done = json.load(f)
-        if done.get("argv") == argv and done.get("diff_pruning_timesteps") == args.diff_pruning_timesteps:
+        if done.get("argv") == argv:
             return done
     prune = load_prune()
     started = time.time()
-    with criterion_options(prune, seed, args.diff_pruning_timesteps):
-        prune.main(argv)
+    prune.main(argv)
     outer = time.time() - started
     if not args.keep_checkpoints:
         for name in os.listdir(run_dir):
@@ -197,8 +168,7 @@ def run_one(args, criterion: str, seed: int) -> dict:
     with open(os.path.join(run_dir, "pruning_history.json")) as f:
         history = json.load(f)
     done = {"criterion": criterion, "seed": seed, "run_dir": run_dir, "argv": argv, "summary": summary, "history": history,
-            "call_seconds": outer, "random_criterion_seed": seed if criterion == "random" else None,
-            "diff_pruning_timesteps": args.diff_pruning_timesteps}
+            "call_seconds": outer}
     _write_json(done, record)
     return done
 
@@ -541,7 +511,7 @@ def main(argv=None):
             **{k: summary[k] for k in ("pruning_stage_seconds", "pruning_criterion_seconds", "finetune_seconds", "wall_seconds")},
             "target_sparsity": summary["target_sparsity"],
             "time_reembedding_error": summary["time_reembedding_error"],
-            "random_criterion_seed": done["random_criterion_seed"],
+            "criterion_config": summary["criterion_config"],
             "loss_curve": [h["loss"] for h in done["history"]],
             **history_numbers(done["history"], summary["pruner"]["pruning_steps"]),
         }

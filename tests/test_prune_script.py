@@ -370,6 +370,19 @@ def test_round_to_gives_widths_in_multiples(layout, target, prune, tiny_teacher,
     assert not off, f"widths not multiples of 8: {off}"
 
 
+@pytest.mark.parametrize("criterion, extra, expected", [
+    ("random", ["--seed", "7"], {"seed": 7}),  # each seed draws other units, not seed 0's every time
+    ("diff_pruning", ["--diff_pruning_timesteps", "3"], {"num_timesteps": 3, "thr": 0.05}),
+    ("gradient_flow", ["--hvp", "finite_difference"], {"hvp": "finite_difference"}),
+])
+def test_criterion_options_come_from_the_flags(criterion, extra, expected, prune, tiny_teacher, tmp_path):
+    args = prune.parse_args(["--pretrained_model_name_or_path", tiny_teacher["pipeline"], "--output_dir",
+                             str(tmp_path / "run"), "--criterion", criterion, *extra])
+    _, _, built, _ = prune.validate(args)
+    config = prune.config_dict(built)
+    assert {k: config[k] for k in expected} == expected
+
+
 # ---------------------------------------------------------------------- accelerate launch, two processes
 def _free_port():
     with socket.socket() as s:

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from diffusers_gfprune import data, evaluation, export, training
 from diffusers_gfprune.counting import count_parameters, model_counts
-from diffusers_gfprune.criteria import CRITERIA, get_criterion
+from diffusers_gfprune.criteria import CRITERIA, config_dict, get_criterion
 from diffusers_gfprune.modeling_pruned_unet import PrunedUNet2DModel
 from diffusers_gfprune.plotting import plot_pruning_run
 from diffusers_gfprune.pruner import GradientFlowPruner, PrunerConfig
@@ -71,6 +71,8 @@ def parse_args(argv=None):
     p.add_argument("--score_batches", type=int, default=2, help="Mini-batches per re-scoring.")
     p.add_argument("--score_batch_size", type=int, default=None, help="Images per scoring mini-batch (default: train_batch_size).")
     p.add_argument("--hvp", type=str, default="exact", choices=["exact", "finite_difference"], help="gradient_flow: how H g is computed.")
+    p.add_argument("--diff_pruning_timesteps", type=int, default=None,
+                   help="diff_pruning: timesteps scanned from low to high noise (default: the criterion's own, 100).")
     p.add_argument("--reactivation_fraction", type=float, default=0.05,
                    help="Hard phase: at most this fraction of a family's pruned units swap back in per re-scoring.")
     p.add_argument("--min_keep_fraction", type=float, default=0.1, help="per-layer: every family keeps at least this fraction.")
@@ -116,13 +118,23 @@ def pruning_config(args) -> PrunerConfig:
     )
 
 
+def criterion_options(args) -> dict:
+    """The criterion's config from the flags: ``random`` draws from the run's --seed, so that seeds differ."""
+    if args.criterion == "gradient_flow":
+        return {"hvp": args.hvp}
+    if args.criterion == "random":
+        return {"seed": args.seed}
+    if args.criterion == "diff_pruning" and args.diff_pruning_timesteps is not None:
+        return {"num_timesteps": args.diff_pruning_timesteps}
+    return {}
+
+
 def validate(args):
     """Every check that can fail, before any heavy work and before anything is written."""
     training.check_training_arguments(args)
     training.check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint)
     training.check_hub_arguments(args)
-    criterion_kwargs = {"hvp": args.hvp} if args.criterion == "gradient_flow" else {}
-    criterion = get_criterion(args.criterion, **criterion_kwargs)
+    criterion = get_criterion(args.criterion, **criterion_options(args))
     if args.target_sparsity is not None:
         export.check_sparsity(args.target_sparsity)
     if args.target_macs is not None and not 0 < args.target_macs <= 1:
@@ -389,6 +401,7 @@ def main(argv=None):
         summary = {
             "teacher": source.path,
             "criterion": args.criterion,
+            "criterion_config": config_dict(criterion),
             "layout": args.layout,
             "target_sparsity": args.target_sparsity,
             "target_macs": args.target_macs,
