@@ -43,7 +43,6 @@ import argparse
 import copy
 import gc
 import json
-import math
 import os
 import platform
 import signal
@@ -63,10 +62,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.p
 from diffusers_gfprune import training  # noqa: E402
 from diffusers_gfprune.counting import count_mac_breakdown, count_parameters  # noqa: E402
 from diffusers_gfprune.criteria import get_criterion  # noqa: E402
-from diffusers_gfprune.evaluation import measure_throughput  # noqa: E402
-from diffusers_gfprune.export import export_model, reembed_time, sparsity_for_macs, stock_config, stock_keep_ratio  # noqa: E402
+from diffusers_gfprune.evaluation import time_interleaved  # noqa: E402
+from diffusers_gfprune.export import export_model, prepare_stock, sparsity_for_macs  # noqa: E402
 from diffusers_gfprune.pruner import GradientFlowPruner, PrunerConfig  # noqa: E402
-from diffusers_gfprune.selection import masks_from_pruned, select  # noqa: E402
+from diffusers_gfprune.selection import keep_floors, masks_from_pruned, select  # noqa: E402
 from diffusers_gfprune.units import find_units  # noqa: E402
 from tests.architectures import CELEBAHQ_LIKE, CIFAR10  # noqa: E402
 
@@ -181,11 +180,9 @@ def _json_config(model) -> dict:
 def export_stock(dense, units, reduction: float, round_to: int, dense_macs: int, sample_size: int, seed: int) -> Pruned:
     """The stock model nearest to ``1 - reduction`` of the dense MACs (widths multiples of ``round_to``)."""
     sparsity, _ = sparsity_for_macs(dense, units, 1 - reduction, round_to=round_to)
-    keep = stock_keep_ratio(units, sparsity)
     prepared = copy.deepcopy(dense)
-    # The stock config ties the sinusoid to block_out_channels[0]; least squares only: speed does
-    # not depend on how well the time path is refit.
-    reembed_time(prepared, stock_config(dense, keep)["block_out_channels"][0], refine_steps=0)
+    # Least squares only: speed does not depend on how well the time path is refit.
+    prepare_stock(prepared, units, sparsity, refine_steps=0)
     pruned_flags = select(random_scores(units, seed), units, sparsity, "local")
     model = export_model(prepared, units, masks_from_pruned(pruned_flags), "stock").eval()
     del prepared
@@ -199,59 +196,30 @@ def export_per_layer(dense, units, reduction: float, round_to: int, dense_macs: 
                      tolerance: float = 0.01, max_evals: int = 8) -> Pruned:
     """A per-layer model (global selection of random scores) with MACs near ``1 - reduction`` of dense.
 
-    The global sparsity starts at the stock one for the same target and is refined by regula
-    falsi (Illinois) on the exported model's MAC fraction; the closest model is kept.
+    Bisection on the global sparsity (the MAC fraction falls as it grows), starting from the stock
+    sparsity for the same target; only the closest model so far is kept in memory.
     """
     scores = random_scores(units, seed)
     target = 1 - reduction
-    tried = {}
-
-    def evaluate(s):
+    lo, hi = 0.0, 1 - sum(keep_floors(units).values()) / units.num_units - 1e-6
+    s = min(sparsity_for_macs(dense, units, target)[0], hi)
+    best = None
+    for _ in range(max_evals):
         flags = select(scores, units, s, "global", round_to=round_to)
         model = export_model(dense, units, masks_from_pruned(flags), "per-layer").eval()
         macs = mac_count(model, sample_size)
-        tried[s] = (macs.total / dense_macs, model, macs)
-        return tried[s][0] - target
-
-    floor = sum(max(1, math.ceil(0.1 * f.num_units)) for f in units)
-    s_max = (units.num_units - floor) / units.num_units - 1e-6
-    s0 = min(sparsity_for_macs(dense, units, target)[0], s_max)
-    f0 = evaluate(s0)
-    if abs(f0) >= tolerance:
-        # Bracket the root next to the first guess (the fraction falls as the sparsity grows).
-        step = 0.05
-        s1 = min(max(s0 + (step if f0 > 0 else -step), 0.0), s_max)
-        f1 = evaluate(s1) if s1 > 0 else 1 - target
-        while f0 * f1 > 0 and 0 < s1 < s_max and len(tried) < max_evals:
-            s0, f0 = s1, f1
-            s1 = min(max(s1 + (step if f1 > 0 else -step), 0.0), s_max)
-            f1 = evaluate(s1) if s1 > 0 else 1 - target
-        (lo, f_lo), (hi, f_hi) = sorted([(s0, f0), (s1, f1)])
-        side = 0
-        while len(tried) < max_evals and f_lo * f_hi < 0:
-            s = (lo * f_hi - hi * f_lo) / (f_hi - f_lo)
-            f_s = evaluate(s)
-            if abs(f_s) < tolerance:
-                break
-            if f_s > 0:  # too many MACs left: prune more
-                lo, f_lo = s, f_s
-                if side == -1:
-                    f_hi /= 2
-                side = -1
-            else:
-                hi, f_hi = s, f_s
-                if side == 1:
-                    f_lo /= 2
-                side = 1
-    best = min(tried, key=lambda k: abs(tried[k][0] - target))
-    fraction, model, macs = tried[best]
+        fraction = macs.total / dense_macs
+        if best is None or abs(fraction - target) < abs(best[0] - target):
+            best = (fraction, s, model, macs)
+        del model
+        if abs(fraction - target) < tolerance:
+            break
+        lo, hi = (s, hi) if fraction > target else (lo, s)  # too many MACs left: prune more
+        s = (lo + hi) / 2
+    fraction, best, model, macs = best
     return Pruned(f"per-layer-{round(100 * reduction)}" + (f"-r{round_to}" if round_to > 1 else ""), "per-layer",
                   reduction, round_to, best, model, macs.total, macs.without_attention, count_parameters(model),
                   dense_macs / macs.total, _json_config(model))
-
-
-def to_dtype(model, dtype):
-    return model.to(dtype) if dtype != torch.float32 else model
 
 
 class Variant(nn.Module):
@@ -276,26 +244,6 @@ class Variant(nn.Module):
 
 
 # ------------------------------------------------------------------------------------- timing
-def time_interleaved(models: Dict[str, nn.Module], batch_size: int, num_steps: int, warmup: int, repeats: int,
-                     device, desc: str) -> Dict[str, List[float]]:
-    """Seconds per forward pass of every model, one value per round; rounds alternate the order.
-
-    Each value comes from :func:`diffusers_gfprune.evaluation.measure_throughput` (``num_steps``
-    passes on a fixed batch under ``no_grad``); ``warmup`` untimed rounds come first.
-    """
-    names = list(models)
-    latencies = {n: [] for n in names}
-    with tqdm(total=(warmup + repeats) * len(names), desc=desc, leave=False) as bar:
-        for r in range(warmup + repeats):
-            for name in names if r % 2 == 0 else names[::-1]:
-                result = measure_throughput(models[name], batch_size=batch_size, num_steps=num_steps, warmup=0,
-                                            repeats=1, device=device)
-                if r >= warmup:
-                    latencies[name].append(result.step_latency_median_s)
-                bar.update()
-    return latencies
-
-
 def spread(values: Sequence[float]) -> dict:
     a = np.asarray(values, dtype=np.float64)
     q25, median, q75 = np.quantile(a, [0.25, 0.5, 0.75])
@@ -313,8 +261,8 @@ def speedup(dense: Sequence[float], pruned: Sequence[float]) -> dict:
 # ------------------------------------------------------------------------------------- experiments
 def run_throughput(arch: Architecture, dense, variants: List[Pruned], args, dtype, device) -> List[dict]:
     rows = []
-    models = {"dense": to_dtype(dense, dtype)}
-    models.update({p.key: to_dtype(p.model, dtype) for p in variants})
+    models = {"dense": dense.to(dtype)}
+    models.update({p.key: p.model.to(dtype) for p in variants})
     for batch_size in batch_sizes_for(arch, args):
         repeats = arch.repeats if (arch.repeats and not args.repeats_given) else args.repeats
         latencies = time_interleaved(models, batch_size, args.num_steps, args.warmup, repeats, device,
@@ -377,7 +325,7 @@ def width_summary(model) -> dict:
             "multiple_of_16": sum(w % 16 == 0 for w in widths) / len(widths)}
 
 
-def tune_models(arch, dense, variants: List[Pruned], args) -> Dict[str, nn.Module]:
+def tune_models(dense, variants: List[Pruned], args) -> Dict[str, nn.Module]:
     chosen = {"dense": dense}
     for p in variants:
         if abs(p.reduction - args.tune_reduction) < 1e-9:
@@ -413,7 +361,6 @@ def run_sdpa(arch, base: Dict[str, nn.Module], mac_ratios, args, device) -> dict
     # The attention kernel is a small share of the time: dense and the stock model suffice.
     base = {k: v for k, v in base.items() if k == "dense" or k.startswith("stock")}
     models, unavailable = {}, {}
-    x = None
     for key, model in base.items():
         for choice, backend in sdpa_choices(device).items():
             variant = Variant(model, sdpa_backend=backend)
@@ -432,7 +379,6 @@ def run_sdpa(arch, base: Dict[str, nn.Module], mac_ratios, args, device) -> dict
             if hasattr(module, "set_processor"):
                 module.set_processor(AttnProcessor())
         models[f"{key}|no-sdpa"] = Variant(classic)
-    del x
     latencies = time_interleaved(models, args.tune_batch_size, args.num_steps, args.warmup, args.tune_repeats, device,
                                  f"sdpa {arch.name}")
     names = [c for c in sdpa_choices(device) if c not in unavailable] + ["no-sdpa"]
@@ -661,10 +607,9 @@ def run_overhead(arch: Architecture, dense, units, args, device) -> dict:
 
     # prune.py's default: the stock layout at half the dense MACs, local selection.
     sparsity, _ = sparsity_for_macs(dense, units, args.overhead_macs, round_to=1)
-    keep = stock_keep_ratio(units, sparsity)
     config = PrunerConfig.from_total_steps(arch.total_steps, target_sparsity=sparsity, selection="local")
     student = copy.deepcopy(dense).to(device)
-    reembed_time(student, stock_config(dense, keep)["block_out_channels"][0], refine_steps=0)
+    prepare_stock(student, units, sparsity, refine_steps=0)
     plain = _Trainer(copy.deepcopy(dense).to(device), targs)
     staged = _Trainer(student, targs)
     pruner = GradientFlowPruner(student, units, config, get_criterion("gradient_flow", hvp="exact"))
@@ -711,9 +656,7 @@ def run_overhead(arch: Architecture, dense, units, args, device) -> dict:
     n_soft = sum(1 for s in range(stage_steps) if pruner.phase(s) == "soft" and pruner.is_rescoring_step(s))
     n_hard = sum(1 for s in range(stage_steps) if pruner.phase(s) == "hard" and pruner.is_rescoring_step(s))
     base = median["stage_step_no_rescoring"]
-    extra_soft = max(0.0, median["rescoring_soft"])
-    extra_hard = max(0.0, median["rescoring_hard"])
-    average_stage = base + (n_soft * extra_soft + n_hard * extra_hard) / stage_steps
+    average_stage = base + (n_soft * median["rescoring_soft"] + n_hard * median["rescoring_hard"]) / stage_steps
     t_total, ft, sl = arch.total_steps, median["finetune_dense"], median["finetune_slim"]
     gf_run = stage_steps * average_stage + (t_total - stage_steps) * sl
     oneshot_run = median["scoring_taylor_oneshot"] + t_total * sl
@@ -760,9 +703,8 @@ def run_overhead(arch: Architecture, dense, units, args, device) -> dict:
 def direct_stage_average(arch, dense, units, config, targs, scoring, train_loss, device) -> dict:
     """The whole pruning stage of the default schedule, step by step, each step next to a plain
     fine-tune step of the dense model: the measured average, not an estimate."""
-    keep = stock_keep_ratio(units, config.target_sparsity)
     student = copy.deepcopy(dense).to(device)
-    reembed_time(student, stock_config(dense, keep)["block_out_channels"][0], refine_steps=0)
+    prepare_stock(student, units, config.target_sparsity, refine_steps=0)
     staged = _Trainer(student, targs)
     plain = _Trainer(copy.deepcopy(dense).to(device), targs)
     pruner = GradientFlowPruner(student, units, config, get_criterion("gradient_flow", hvp="exact"))
@@ -1102,11 +1044,11 @@ def main(argv=None) -> dict:
                                       "dense_macs_without_attention": dense_count.without_attention,
                                       "pruned": [p.summary() for p in variants if p.reduction in args.reductions]})
             if "throughput" in args.experiments:
+                listed = [p for p in variants if p.reduction in args.reductions]
                 for dtype in dtypes:
-                    listed = [p for p in variants if p.reduction in args.reductions]
                     results["throughput"] += staged(f"{name}/throughput", run_throughput, arch, dense, listed, args, dtype, device)
         if name == args.tune_model:
-            base = tune_models(arch, dense, variants, args)
+            base = tune_models(dense, variants, args)
             ratios = {p.key: p.mac_ratio for p in variants}
             if "rounding" in args.experiments:
                 results["rounding"] = staged("rounding", run_rounding, arch, dense, units, dense_count.total, args, device)

@@ -50,6 +50,7 @@ changes torch-fidelity.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -57,7 +58,7 @@ import threading
 import time
 import urllib.request
 from dataclasses import asdict, dataclass
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -81,6 +82,7 @@ __all__ = [
     "ThroughputComparison",
     "measure_throughput",
     "compare_throughput",
+    "time_interleaved",
     "FID_CHOICES",
     "Metric",
     "TeacherComparison",
@@ -985,6 +987,67 @@ def measure_throughput(
     return _result(timer, latencies, batch_size, num_steps, warmup, repeats)
 
 
+def _run_interleaved(timers: Dict[str, "_Timer"], warmup: int, repeats: int, desc: Optional[str] = None) -> Dict[str, list]:
+    """Seconds per step of every timer, one value per timed round; the order reverses every round so
+    that drifts of the machine (other jobs, clocks, caches) hit all models alike."""
+    names = list(timers)
+    shapes = {tuple(t.sample.shape) for t in timers.values()}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"The models take different inputs ({' vs '.join(str(s) for s in sorted(shapes))}); compare models with the "
+            "same in_channels and sample_size."
+        )
+    from tqdm.auto import tqdm
+
+    latencies = {name: [] for name in names}
+    with contextlib.ExitStack() as stack:
+        for timer in timers.values():
+            stack.enter_context(timer)
+        with tqdm(total=(warmup + repeats) * len(names), desc=desc, leave=False, disable=desc is None) as bar:
+            for r in range(warmup + repeats):
+                for name in names if r % 2 == 0 else names[::-1]:
+                    seconds = timers[name].run()
+                    if r >= warmup:
+                        latencies[name].append(seconds)
+                    bar.update()
+    return latencies
+
+
+def time_interleaved(
+    models: Mapping[str, torch.nn.Module],
+    batch_size: int = 16,
+    num_steps: int = 10,
+    warmup: int = 2,
+    repeats: int = 7,
+    device: Optional[Union[str, torch.device]] = None,
+    desc: Optional[str] = None,
+) -> Dict[str, list]:
+    """Seconds per forward pass of several models, timed round by round in this process.
+
+    The N-model form of :func:`compare_throughput`: every round times ``num_steps`` passes of each
+    model on its fixed batch, in an order that reverses every round; ``warmup`` untimed rounds first.
+
+    Parameters
+    ----------
+    models : mapping of str to torch.nn.Module
+        UNets (or modules called as ``model(sample, timestep)`` with a ``config``) with the same inputs.
+    batch_size, num_steps, warmup, repeats : int
+        As in :func:`measure_throughput`.
+    device : str or torch.device, optional
+        Default: each model where it is. A given device MOVES the models there (in place).
+    desc : str, optional
+        Label of a progress bar (none without it).
+
+    Returns
+    -------
+    dict of str to list of float
+        Per model, ``repeats`` seconds per forward pass, in round order (round ``i`` of every model
+        was timed back to back, so per-round ratios cancel slow drifts).
+    """
+    _check_counts(batch_size, num_steps, warmup, repeats)
+    return _run_interleaved({name: _Timer(m, batch_size, num_steps, device) for name, m in models.items()}, warmup, repeats, desc)
+
+
 def compare_throughput(
     dense,
     pruned,
@@ -1015,26 +1078,10 @@ def compare_throughput(
     ThroughputComparison
     """
     _check_counts(batch_size, num_steps, warmup, repeats)
-    dense_timer = _Timer(dense, batch_size, num_steps, device)
-    pruned_timer = _Timer(pruned, batch_size, num_steps, device)
-    if dense_timer.sample.shape != pruned_timer.sample.shape:
-        raise ValueError(
-            f"The models take different inputs ({tuple(dense_timer.sample.shape)} vs "
-            f"{tuple(pruned_timer.sample.shape)}); compare models with the same in_channels and sample_size."
-        )
-    dense_lat, pruned_lat = [], []
-    with dense_timer, pruned_timer:
-        for i in range(warmup):
-            first, second = (dense_timer, pruned_timer) if i % 2 == 0 else (pruned_timer, dense_timer)
-            first.run()
-            second.run()
-        for i in range(repeats):
-            if i % 2 == 0:
-                dense_lat.append(dense_timer.run())
-                pruned_lat.append(pruned_timer.run())
-            else:
-                pruned_lat.append(pruned_timer.run())
-                dense_lat.append(dense_timer.run())
+    timers = {"dense": _Timer(dense, batch_size, num_steps, device), "pruned": _Timer(pruned, batch_size, num_steps, device)}
+    latencies = _run_interleaved(timers, warmup, repeats)
+    dense_timer, pruned_timer = timers["dense"], timers["pruned"]
+    dense_lat, pruned_lat = latencies["dense"], latencies["pruned"]
     ratios = [d / p for d, p in zip(dense_lat, pruned_lat)]
     median, q25, q75, lo, hi = _quantiles(ratios)
     dense_result = _result(dense_timer, dense_lat, batch_size, num_steps, warmup, repeats)

@@ -193,14 +193,18 @@ def check_sparsity(sparsity: float) -> None:
         )
 
 
-def prepare_stock(model, units: UnitSet, sparsity: float, num_train_timesteps: int = 1000) -> TimeReembedding:
+def prepare_stock(
+    model, units: UnitSet, sparsity: float, num_train_timesteps: int = 1000, refine_steps: int = 500
+) -> TimeReembedding:
     """Check that the stock layout can meet ``sparsity`` and re-embed the time sinusoid for it.
 
     Call once, on the dense model, before pruning starts; everything after it is exact.
+    ``refine_steps`` as in :func:`reembed_time` (0: least squares only, when only the shapes matter,
+    e.g. for speed measurements).
     """
     keep = stock_keep_ratio(units, sparsity)
     width = stock_block_out_channels(model, keep)[0]
-    return reembed_time(model, width, num_train_timesteps)
+    return reembed_time(model, width, num_train_timesteps, refine_steps=refine_steps)
 
 
 # ---------------------------------------------------------------------- export

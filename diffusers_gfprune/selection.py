@@ -45,6 +45,11 @@ def select_local(scores: Dict[str, torch.Tensor], units: UnitSet, sparsity: floa
     return pruned
 
 
+def keep_floors(units: UnitSet, min_keep_fraction: float = 0.1) -> Dict[str, int]:
+    """Units every family keeps under global selection: ``max(1, ceil(min_keep_fraction * num_units))``."""
+    return {f.name: max(1, math.ceil(min_keep_fraction * f.num_units)) for f in units}
+
+
 def select_global(
     scores: Dict[str, torch.Tensor], units: UnitSet, sparsity: float, min_keep_fraction: float = 0.1
 ) -> Dict[str, torch.Tensor]:
@@ -56,7 +61,7 @@ def select_global(
     """
     total = units.num_units
     target = int(math.floor(sparsity * total + 0.5))
-    floors = {f.name: max(1, math.ceil(min_keep_fraction * f.num_units)) for f in units}
+    floors = keep_floors(units, min_keep_fraction)
     capacity = sum(f.num_units - floors[f.name] for f in units)
     if target > capacity:
         raise ValueError(
