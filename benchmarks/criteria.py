@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from diffusers_gfprune.training import write_json, write_text
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_TEACHER = os.path.join(REPO_ROOT, "teachers", "ddpm-digits")
 ALL_CRITERIA = ("gradient_flow", "diff_pruning", "taylor", "magnitude", "random")
@@ -169,7 +171,7 @@ def run_one(args, criterion: str, seed: int) -> dict:
         history = json.load(f)
     done = {"criterion": criterion, "seed": seed, "run_dir": run_dir, "argv": argv, "summary": summary, "history": history,
             "call_seconds": outer}
-    _write_json(done, record)
+    write_json(done, record)
     return done
 
 
@@ -378,7 +380,7 @@ def merge_into(path: str, generated: str) -> None:
             text = old.rstrip("\n") + "\n\n" + generated + "\n"
     else:
         text = "# Benchmarks\n\n## Pruning criteria on the digits teacher\n\n" + generated + "\n"
-    _write_text(path, text)
+    write_text(path, text)
 
 
 def plot_curves(runs: list, criteria, teacher_fid: float, soft_steps: int, pruning_steps: int, path: str) -> str:
@@ -426,17 +428,6 @@ def save_grid(rows, labels, path: str) -> str:
     comparison_grid(rows, labels, scale=4).save(tmp)
     os.replace(tmp, path)
     return path
-
-
-def _write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _write_json(data, path: str) -> None:
-    _write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def _code_version() -> str:
@@ -551,8 +542,8 @@ def main(argv=None):
     grid = save_grid(grid_rows, grid_labels, os.path.join(args.docs_dir, "images", "benchmarks_criteria_grid.png"))
     results["wall_seconds"] = time.time() - started
     results["figures"] = {"curves": curves, "grid": grid}
-    _write_json(results, os.path.join(args.output_dir, "criteria_results.json"))
-    _write_json(results, json_path)
+    write_json(results, os.path.join(args.output_dir, "criteria_results.json"))
+    write_json(results, json_path)
     merge_into(os.path.join(args.docs_dir, "benchmarks.md"), write_report(results, args, args.docs_dir, curves, grid))
     print("\n".join(_observations(summary, args.criteria)))
     return results

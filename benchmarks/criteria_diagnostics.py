@@ -21,7 +21,6 @@ prepares it (stock layout: the time sinusoid narrowed once), for every criterion
 import argparse
 import copy
 import itertools
-import json
 import os
 import sys
 import time
@@ -191,11 +190,7 @@ def main(argv=None):
         f" {a}" for a in (sys.argv[1:] if argv is None else argv))
     text = markdown(results)
     if args.output:
-        tmp = f"{args.output}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, args.output)
+        training.write_json(results, args.output)
     print(text)
     return results
 

@@ -1066,10 +1066,7 @@ def main(argv=None) -> dict:
     results["wall_seconds"] = time.time() - started
     results["markdown"] = print_tables(results)
     os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
-    tmp = args.output_json + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=1, default=str)
-    os.replace(tmp, args.output_json)
+    training.write_json(results, args.output_json, indent=1)
     if args.plot and results["throughput"]:
         plot(results, args.plot)
     print(f"\nWrote {args.output_json}" + (f" and {args.plot}" if args.plot and results["throughput"] else "")

@@ -351,6 +351,21 @@ def epoch_batches(dataloader, generator: torch.Generator, seed: int, epoch: int,
             yield batch
 
 
+def write_text(path: str, text: str) -> None:
+    """Write a text file atomically: a temporary name, then a rename (never a half-written file)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_json(data, path: str, indent: int = 2) -> None:
+    """``data`` as JSON (non-JSON values as their ``str``), written atomically."""
+    import json
+
+    write_text(path, json.dumps(data, indent=indent, default=str) + "\n")
+
+
 def save_extra_state(directory: str, tensors: dict, meta: dict) -> None:
     """Tensors as safetensors and the rest as JSON, next to accelerate's own files."""
     import json

@@ -229,13 +229,6 @@ def evaluate(args, pruned_unet, teacher_unet, scheduler, data_config, digits: bo
     return {"comparison": comparison, "counts": counts, "throughput": throughput}
 
 
-def _write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def main(argv=None):
     args = parse_args(argv)
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -277,10 +270,10 @@ def main(argv=None):
         "device": str(device),
         "seconds": time.time() - started,
     }
-    _write(os.path.join(args.output_dir, "eval_results.json"), json.dumps(results, indent=2) + "\n")
+    training.write_json(results, os.path.join(args.output_dir, "eval_results.json"))
     title = f"{os.path.basename(os.path.normpath(args.pretrained_model_name_or_path))} against {args.teacher_model_name_or_path}"
     text = evaluation.comparison_markdown(comparison, counts, throughput, title=title)
-    _write(os.path.join(args.output_dir, "eval_results.md"), text + f"\nCommand: `{results['command']}`\n")
+    training.write_text(os.path.join(args.output_dir, "eval_results.md"), text + f"\nCommand: `{results['command']}`\n")
     print(text)
     return results
 

@@ -431,8 +431,8 @@ def main(argv=None):
         training.save_pipeline_into(DDPMPipeline(unet=unet, scheduler=noise_scheduler), args.output_dir, pruning_info)
         _save_masks(state["masks"], units, args, os.path.join(args.output_dir, "pruning_masks.safetensors"))
         summary["wall_seconds"] = time.time() - started
-        _write_json(summary, os.path.join(args.output_dir, "pruning_summary.json"))
-        _write_json(state["history"], os.path.join(args.output_dir, "pruning_history.json"))
+        training.write_json(summary, os.path.join(args.output_dir, "pruning_summary.json"))
+        training.write_json(state["history"], os.path.join(args.output_dir, "pruning_history.json"))
         shown = {k: summary[k] for k in ("dense", "pruned", "final_loss", "wall_seconds")}
         if comparison:
             shown["metrics"] = {m.key: round(m.value, 4) for m in comparison.metrics}
@@ -473,13 +473,6 @@ def _validation_fid(unet, ddim, args, in_channels, sample_size, reference):
     result = evaluation.compute_fid_kid(images, reference, feature_extractor=evaluation.DIGITS_FEATURE_EXTRACTOR,
                                         kid_subset_size=max(2, min(len(images), len(reference)) // 2))
     return result["fid_digits_classifier"]
-
-
-def _write_json(data, path):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
 
 
 def write_model_card(args, source, data_config, config, summary, comparison=None):
