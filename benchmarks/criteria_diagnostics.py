@@ -29,8 +29,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from diffusers_gfprune.criteria import CRITERIA
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ALL_CRITERIA = ("gradient_flow", "diff_pruning", "taylor", "magnitude", "random")
+ALL_CRITERIA = tuple(CRITERIA)  # the registry's order: gradient_flow first, then the baselines
 
 
 def parse_args(argv=None):

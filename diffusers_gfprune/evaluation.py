@@ -87,6 +87,7 @@ __all__ = [
     "Metric",
     "TeacherComparison",
     "evaluate_against_teacher",
+    "real_images",
 ]
 
 DIGITS_FEATURE_EXTRACTOR = "digits-classifier"
@@ -1134,6 +1135,16 @@ class TeacherComparison:
             "not_computed": [{"metric": name, "reason": reason} for name, reason in self.not_computed],
             "details": self.details,
         }
+
+
+def real_images(dataset, num_images: int, seed: int = 0) -> torch.Tensor:
+    """Real images for FID: the first ``num_images`` of ``dataset`` shuffled with ``seed``, in [0, 1].
+
+    ``dataset`` yields ``{"images": tensor in [-1, 1]}`` (:mod:`diffusers_gfprune.data`); the prune
+    script and ``training/evaluate.py`` draw the same images for the same seed.
+    """
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:num_images]
+    return torch.stack([dataset[int(i)]["images"] for i in order]).add(1).div(2).clamp(0, 1)
 
 
 def evaluate_against_teacher(

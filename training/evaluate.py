@@ -27,8 +27,6 @@ from diffusers_gfprune import counting, data, evaluation, training
 from diffusers_gfprune.sampling import comparison_grid
 from diffusers_gfprune.teacher import SUPPORTED_CLASSES, load_teacher, resolve_teacher
 
-logger = logging.getLogger(__name__)
-
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -202,19 +200,13 @@ def validate(args):
     return pruned, teacher, data_config, digits
 
 
-def reference_images(dataset, num_images: int, seed: int) -> torch.Tensor:
-    """Real images for Inception FID: the first ``num_images`` of the data set shuffled with ``seed`` (as prune.py)."""
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:num_images]
-    return torch.stack([dataset[int(i)]["images"] for i in order]).add(1).div(2).clamp(0, 1)
-
-
 def evaluate(args, pruned_unet, teacher_unet, scheduler, data_config, digits: bool, in_channels: int) -> dict:
     """Quality (SSIM, FID/KID), size (params, MACs) and speed of ``pruned_unet`` against ``teacher_unet``."""
     reference = None
     dataset_name = args.dataset_name or os.path.basename(os.path.normpath(args.train_data_dir or "images"))
     if not digits and args.eval_fid != "none":
         dataset = data.load_train_dataset(data_config, in_channels)
-        reference = reference_images(dataset, args.num_eval_images, args.seed)
+        reference = evaluation.real_images(dataset, args.num_eval_images, args.seed)
     comparison = evaluation.evaluate_against_teacher(
         teacher_unet, pruned_unet, scheduler, args.num_eval_images, num_inference_steps=args.num_inference_steps,
         seed=args.seed, fid=args.eval_fid, digits=digits, reference_images=reference, dataset_name=dataset_name,

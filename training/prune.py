@@ -453,9 +453,7 @@ def _evaluate(args, teacher, unet, scheduler, dataset, data_config):
     digits = data_config.dataset_name == "digits"
     reference = None
     if not digits and args.eval_fid != "none":
-        # Real training images for Inception FID: the first num_eval_images of the shuffled set (seeded).
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))[: args.num_eval_images]
-        reference = torch.stack([dataset[int(i)]["images"] for i in order]).add(1).div(2).clamp(0, 1)
+        reference = evaluation.real_images(dataset, args.num_eval_images, args.seed)
     logger.info("Evaluating %d image pairs (teacher, pruned) ...", args.num_eval_images)
     return evaluation.evaluate_against_teacher(
         teacher, unet, scheduler, args.num_eval_images, num_inference_steps=args.num_inference_steps, seed=args.seed,
