@@ -193,17 +193,10 @@ def sample(unet, scheduler, noise, steps: int, desc: str) -> torch.Tensor:
     return torch.cat([sample_images(unet, ddim, c, steps) for c in tqdm(chunks, desc=desc, leave=False)])
 
 
-def fid(images, reference) -> dict:
-    from diffusers_gfprune import evaluation
-
-    kid = max(2, min(len(images), len(reference)) // 2)
-    return evaluation.compute_fid_kid(images, reference, feature_extractor=evaluation.DIGITS_FEATURE_EXTRACTOR, kid_subset_size=kid)
-
-
 def measure(images, teacher_images, reference) -> dict:
     from diffusers_gfprune import evaluation
 
-    scores = fid(images, reference)
+    scores = evaluation.digits_fid_kid(images, reference)
     return {
         "fid_digits_classifier": scores["fid_digits_classifier"],
         "kid_digits_classifier": scores["kid_digits_classifier_mean"],
@@ -214,13 +207,14 @@ def measure(images, teacher_images, reference) -> dict:
 
 def validation_fid_of_teacher(args, teacher, scheduler, seeds, reference) -> float:
     """The teacher under the protocol of the FID during training (prune.py's noise for each seed), averaged."""
-    in_channels, size = teacher.config.in_channels, teacher.config.sample_size
-    values = []
-    for seed in seeds:
-        noise = torch.randn((args.validation_fid_images, in_channels, size, size), generator=torch.Generator().manual_seed(seed + 1))
-        values.append(fid(sample(teacher, scheduler, noise, args.validation_inference_steps, "teacher (training protocol)"),
-                          reference)["fid_digits_classifier"])
-    return float(np.mean(values))
+    from diffusers import DDIMScheduler
+
+    from diffusers_gfprune import evaluation
+
+    ddim = DDIMScheduler.from_config(scheduler.config)
+    return float(np.mean([evaluation.validation_fid(teacher, ddim, args.validation_fid_images, args.validation_inference_steps,
+                                                    seed, reference) for seed in tqdm(seeds, desc="teacher (training protocol)",
+                                                                                      leave=False)]))
 
 
 # ---------------------------------------------------------------------- per-run numbers from the history
@@ -479,7 +473,7 @@ def main(argv=None):
     reference = evaluation.digits_reference("test", size)
     noise = eval_noise(args, teacher.config.in_channels, size)
     teacher_images = sample(teacher, scheduler, noise, args.num_inference_steps, "teacher")
-    teacher_scores = fid(teacher_images, reference)
+    teacher_scores = evaluation.digits_fid_kid(teacher_images, reference)
     real = evaluation.digits_reference("train", size, max_samples=args.num_eval_images)
     teacher_row = {
         "fid_digits_classifier": teacher_scores["fid_digits_classifier"],
@@ -530,7 +524,7 @@ def main(argv=None):
         "criteria": list(args.criteria),
         "config": config,
         "teacher": teacher_row,
-        "real_floor": {"fid_digits_classifier": fid(real.images, reference)["fid_digits_classifier"], "num_images": len(real)},
+        "real_floor": {"fid_digits_classifier": evaluation.digits_fid_kid(real.images, reference)["fid_digits_classifier"], "num_images": len(real)},
         "summary": summary,
         "runs": runs,
         "runs_seconds": runs_seconds,

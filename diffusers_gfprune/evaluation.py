@@ -88,6 +88,8 @@ __all__ = [
     "TeacherComparison",
     "evaluate_against_teacher",
     "real_images",
+    "digits_fid_kid",
+    "validation_fid",
 ]
 
 DIGITS_FEATURE_EXTRACTOR = "digits-classifier"
@@ -1135,6 +1137,29 @@ class TeacherComparison:
             "not_computed": [{"metric": name, "reason": reason} for name, reason in self.not_computed],
             "details": self.details,
         }
+
+
+def digits_fid_kid(images: torch.Tensor, reference: torch.Tensor) -> dict:
+    """FID and KID in the shipped digits classifier's features (NOT Inception), KID subsets of half
+    the smaller set (at least 2): the protocol of the FID during training and of the criteria benchmark."""
+    return compute_fid_kid(images, reference, feature_extractor=DIGITS_FEATURE_EXTRACTOR,
+                           kid_subset_size=max(2, min(len(images), len(reference)) // 2))
+
+
+def validation_fid(unet, ddim, num_images: int, num_inference_steps: int, seed: int, reference: torch.Tensor) -> float:
+    """FID (digits classifier features) of ``num_images`` DDIM samples from the noise of ``seed + 1``.
+
+    What ``training/prune.py --validation_fid_images`` records during training; the criteria
+    benchmark measures the teacher with it, so that the two are on one protocol.
+    """
+    from .sampling import sample_images
+
+    config = unet.config
+    size = config.sample_size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    noise = torch.randn((num_images, config.in_channels, *size), generator=torch.Generator().manual_seed(seed + 1))
+    images = torch.cat([sample_images(unet, ddim, chunk, num_inference_steps) for chunk in noise.split(64)])
+    return digits_fid_kid(images, reference)["fid_digits_classifier"]
 
 
 def real_images(dataset, num_images: int, seed: int = 0) -> torch.Tensor:

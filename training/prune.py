@@ -379,7 +379,8 @@ def main(argv=None):
                 grid.save(os.path.join(args.output_dir, "samples", f"step-{global_step:06d}.png"))
                 training.log_images(accelerator, "teacher_vs_pruned", grid, global_step)
                 if fid_reference is not None:
-                    fid = _validation_fid(unet, ddim, args, in_channels, sample_size, fid_reference)
+                    fid = evaluation.validation_fid(unet, ddim, args.validation_fid_images, args.num_inference_steps, args.seed,
+                                                    fid_reference)
                     state["history"][-1]["fid_digits_classifier"] = fid
                     accelerator.log({"fid_digits_classifier": fid}, step=global_step)
                 tick_step = time.time()  # validation is not training time
@@ -461,16 +462,6 @@ def _evaluate(args, teacher, unet, scheduler, dataset, data_config):
         dataset_name=args.dataset_name or os.path.basename(os.path.normpath(args.train_data_dir or "images")),
         inception_weights=args.inception_weights,
     )
-
-
-def _validation_fid(unet, ddim, args, in_channels, sample_size, reference):
-    """FID (digits classifier features) of ``--validation_fid_images`` samples from fixed noise, against the test digits."""
-    noise = torch.randn((args.validation_fid_images, in_channels, sample_size, sample_size),
-                        generator=torch.Generator().manual_seed(args.seed + 1))
-    images = torch.cat([sample_images(unet, ddim, chunk, args.num_inference_steps) for chunk in noise.split(64)])
-    result = evaluation.compute_fid_kid(images, reference, feature_extractor=evaluation.DIGITS_FEATURE_EXTRACTOR,
-                                        kid_subset_size=max(2, min(len(images), len(reference)) // 2))
-    return result["fid_digits_classifier"]
 
 
 def write_model_card(args, source, data_config, config, summary, comparison=None):
