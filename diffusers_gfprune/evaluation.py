@@ -1272,12 +1272,11 @@ def evaluate_against_teacher(
         resolution = int(teacher_images.shape[-1])
         reference = digits_reference("test", resolution)
         real = digits_reference("train", resolution, max_samples=num_images)
-        kid_size = min(num_images, len(reference)) // 2
-        common = dict(feature_extractor=DIGITS_FEATURE_EXTRACTOR, kid_subset_size=kid_size)
+        kid_size = max(2, min(num_images, len(reference)) // 2)  # digits_fid_kid's rule
         scores = {
-            "pruned": compute_fid_kid(pruned_images, reference, **common),
-            "teacher": compute_fid_kid(teacher_images, reference, **common),
-            "real": compute_fid_kid(real.images, reference, **common),
+            "pruned": digits_fid_kid(pruned_images, reference),
+            "teacher": digits_fid_kid(teacher_images, reference),
+            "real": digits_fid_kid(real.images, reference),
         }
         details["fid_digits_classifier"] = scores
         how = (f"Fréchet distance in the shipped digits classifier's 64-d features (NOT Inception) to the "

@@ -271,3 +271,16 @@ def test_compare_throughput_self_and_wider_model():
     faster = ev.compare_throughput(wide, small, batch_size=8, num_steps=3, warmup=1, repeats=5)
     assert faster.ratio > 1.0 and faster.ratio_of_medians > 1.0
     assert faster.dense.step_latency_median_s > faster.pruned.step_latency_median_s
+
+
+@pytest.mark.parametrize("num_images", [2, 3])
+def test_digits_evaluation_at_the_smallest_sample_counts(num_images):
+    """prune.py accepts --num_eval_images 2; the KID subsets must still have 2 images (half of 2 or 3 is 1)."""
+    from diffusers import DDPMScheduler
+
+    teacher, pruned = tiny_unet((16, 32), 0), tiny_unet((16, 32), 1)
+    comparison = ev.evaluate_against_teacher(teacher, pruned, DDPMScheduler(num_train_timesteps=1000), num_images,
+                                             num_inference_steps=2, digits=True, fid="auto")
+    values = {m.key: m.value for m in comparison.metrics}
+    assert values["fid_digits_classifier"] > 0 and values["kid_digits_classifier"] == values["kid_digits_classifier"]
+    assert "KID subsets of 2" in next(m.how for m in comparison.metrics if m.key == "fid_digits_classifier")
