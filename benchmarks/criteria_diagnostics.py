@@ -19,7 +19,6 @@ prepares it (stock layout: the time sinusoid narrowed once), for every criterion
 """
 
 import argparse
-import copy
 import itertools
 import os
 import sys
@@ -64,11 +63,8 @@ def prepared_student(teacher, scheduler, target_macs: float):
 
     units = find_units(teacher)
     sparsity, _ = export.sparsity_for_macs(teacher, units, target_macs)
-    student = copy.deepcopy(teacher).requires_grad_(True).train()
-    export.prepare_stock(student, units, sparsity, scheduler.config.num_train_timesteps)
-    ones = {f.name: torch.ones(f.num_units) for f in units}
-    student = export.export_model(student, units, ones, "per-layer").train()
-    return student, find_units(student), sparsity
+    student, units, _ = export.dense_student(teacher, units, "stock", sparsity, scheduler.config.num_train_timesteps)
+    return student, units, sparsity
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:

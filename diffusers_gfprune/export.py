@@ -20,6 +20,7 @@ correction, folded into ``to_q``.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import dataclass
@@ -205,6 +206,28 @@ def prepare_stock(
     keep = stock_keep_ratio(units, sparsity)
     width = stock_block_out_channels(model, keep)[0]
     return reembed_time(model, width, num_train_timesteps, refine_steps=refine_steps)
+
+
+def dense_student(teacher, units: UnitSet, layout: str, sparsity: float, num_train_timesteps: int = 1000):
+    """The dense model that pruning trains and masks, built from a copy of ``teacher``.
+
+    Stock layout: the time sinusoid is narrowed first (:func:`prepare_stock`, once, measured). The
+    result is a :class:`PrunedUNet2DModel` with every unit kept, so that the (possibly re-embedded)
+    dense model saves and loads in diffusers format.
+
+    Returns
+    -------
+    (student, units, reembedding)
+        The student in train mode with gradients on, its units (traced again), and the
+        :class:`TimeReembedding` (None for the per-layer layout).
+    """
+    from .units import find_units
+
+    student = copy.deepcopy(teacher).requires_grad_(True).train()
+    reembedding = prepare_stock(student, units, sparsity, num_train_timesteps) if layout == "stock" else None
+    ones = {f.name: torch.ones(f.num_units) for f in units}
+    student = export_model(student, units, ones, "per-layer").train()
+    return student, find_units(student), reembedding
 
 
 # ---------------------------------------------------------------------- export

@@ -13,7 +13,6 @@ The real thing, on a GPU:
 """
 
 import argparse
-import copy
 import json
 import logging
 import math
@@ -218,16 +217,10 @@ def main(argv=None):
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     set_seed(args.seed)
 
-    # The dense student: for the stock layout its time sinusoid is first narrowed (once, measured).
-    student = copy.deepcopy(teacher).requires_grad_(True).train()
-    reembedding = None
-    if args.layout == "stock":
-        reembedding = export.prepare_stock(student, units, args.target_sparsity, noise_scheduler.config.num_train_timesteps)
+    student, units, reembedding = export.dense_student(teacher, units, args.layout, args.target_sparsity,
+                                                       noise_scheduler.config.num_train_timesteps)
+    if reembedding is not None:
         logger.info("Time re-embedding: relative change of the time embedding %.4f", reembedding.embedding_relative_error)
-    # As a PrunedUNet2DModel the (possibly re-embedded) dense model saves and loads in diffusers format.
-    ones = {f.name: torch.ones(f.num_units) for f in units}
-    student = export.export_model(student, units, ones, "per-layer").train()
-    units = find_units(student)
 
     resume = training.resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
     stage = "pruning"
