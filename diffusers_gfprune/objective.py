@@ -55,6 +55,10 @@ class DDPMLoss:
             target = self.scheduler.get_velocity(self.images, self.noise, self.timesteps)
         return F.mse_loss(output.float(), target.float())
 
+    def subset(self, index) -> "DDPMLoss":
+        """The same loss on the images selected by ``index`` (a slice or index tensor)."""
+        return DDPMLoss(self.images[index], self.noise[index], self.timesteps[index], self.scheduler, self.prediction_type)
+
     def split(self, parts: int, index: int) -> "DDPMLoss":
         """The ``index``-th of ``parts`` equal slices of the batch (for data-parallel scoring)."""
         size = self.images.shape[0]
@@ -78,6 +82,20 @@ def sample_timesteps(
     if not 0 <= low < high <= num_train_timesteps:
         raise ValueError(f"Timestep range [{low}, {high}) must lie inside [0, {num_train_timesteps}).")
     return torch.randint(low, high, (batch_size,), generator=generator, device="cpu").to(device or "cpu")
+
+
+def stratified_timesteps(
+    batch_size: int, num_train_timesteps: int, generator: Optional[torch.Generator] = None, device=None
+) -> torch.Tensor:
+    """One timestep in each of ``batch_size`` equal strata of ``[0, T)``, at a random offset shared by all strata.
+
+    A batch then covers the whole noise range evenly instead of by chance, which removes the
+    timestep draw from the variance of a loss or gradient estimate (the per-timestep losses of a
+    DDPM differ by orders of magnitude).
+    """
+    offset = torch.rand((), generator=generator)
+    positions = (torch.arange(batch_size, dtype=torch.float64) + float(offset)) * num_train_timesteps / batch_size
+    return positions.floor().long().clamp_(0, num_train_timesteps - 1).to(device or "cpu")
 
 
 def make_loss(

@@ -31,6 +31,9 @@ from .selection import SELECTIONS, check_round_to, prune_counts_local, select
 from .units import UnitSet
 
 PHASES = ("soft", "hard", "done")
+PROCESSES = ("progressive", "one-shot")
+SOFT_COMMITS = ("monotone", "reselect")
+REACTIVATION_RULES = ("fair", "mixed")
 
 
 @dataclass
@@ -47,7 +50,25 @@ class PrunerConfig:
     selection: str = field(default="local", metadata={"help": "'local': same fraction per family (stock layout); 'global': one ranking (per-layer layout)."})
     min_keep_fraction: float = field(default=0.1, metadata={"help": "Global selection: every family keeps at least this fraction (and one unit)."})
     score_ema: float = field(default=0.5, metadata={"help": "Smoothing of scores between re-scorings: s <- ema * s + (1 - ema) * new; 0 = no smoothing."})
+    process: str = field(
+        default="progressive",
+        metadata={"help": "'progressive': the soft phase, then the hard phase, export at M (the paper); 'one-shot': score "
+                          "the dense model once at step 0, prune the target at once and export (as Diff-Pruning is "
+                          "published), then fine-tune. soft_steps and pruning_steps are ignored by 'one-shot'."},
+    )
+    soft_commit: str = field(
+        default="monotone",
+        metadata={"help": "Soft phase: 'monotone' keeps a selected unit selected until the hard phase (its mask keeps "
+                          "decaying); 'reselect' selects anew from the current scores at every re-scoring (a released "
+                          "unit's mask returns to 1)."},
+    )
     reactivation: bool = field(default=True, metadata={"help": "Hard phase: score pruned units with their masks at 1 so they can come back."})
+    reactivation_rule: str = field(
+        default="fair",
+        metadata={"help": "Hard phase: 'fair' scores pruned and kept units in the same state (every mask at 1) before "
+                          "they swap; 'mixed' compares pruned units scored with masks at 1 against kept units scored in "
+                          "the masked model."},
+    )
     reactivation_fraction: float = field(
         default=0.05,
         metadata={"help": "Hard phase: at most this fraction of each family's pruned units (at least one) swaps places with kept "
@@ -64,11 +85,19 @@ class PrunerConfig:
     def __post_init__(self):
         if not isinstance(self.target_sparsity, (int, float)) or not 0 <= self.target_sparsity < 1:
             raise ValueError(f"target_sparsity must lie in [0, 1), got {self.target_sparsity!r}.")
-        if not 0 < self.soft_steps < self.pruning_steps:
+        if self.process not in PROCESSES:
+            raise ValueError(f"Unknown process {self.process!r}; choose one of {PROCESSES}.")
+        if self.soft_commit not in SOFT_COMMITS:
+            raise ValueError(f"Unknown soft_commit {self.soft_commit!r}; choose one of {SOFT_COMMITS}.")
+        if self.reactivation_rule not in REACTIVATION_RULES:
+            raise ValueError(f"Unknown reactivation_rule {self.reactivation_rule!r}; choose one of {REACTIVATION_RULES}.")
+        if self.process == "one-shot":
+            self.soft_steps, self.pruning_steps, self.rescore_every = 0, 0, 1
+        elif not 0 < self.soft_steps < self.pruning_steps:
             raise ValueError(
                 f"Need 0 < soft_steps < pruning_steps, got soft_steps={self.soft_steps}, pruning_steps={self.pruning_steps}."
             )
-        if not 1 <= self.rescore_every <= self.soft_steps:
+        if self.process == "progressive" and not 1 <= self.rescore_every <= self.soft_steps:
             raise ValueError(f"rescore_every must lie in [1, soft_steps={self.soft_steps}], got {self.rescore_every}.")
         for kind in (self.sparsity_schedule, self.mask_schedule):
             if kind not in schedules.SCHEDULES:
@@ -125,6 +154,8 @@ class GradientFlowPruner:
     # ------------------------------------------------------------------ phases
     def phase(self, step: Optional[int] = None) -> str:
         step = self.step_count if step is None else step
+        if self.config.process == "one-shot":
+            return "hard" if step == 0 else "done"
         if step <= self.config.soft_steps:
             return "soft"
         if step <= self.config.pruning_steps:
@@ -153,6 +184,8 @@ class GradientFlowPruner:
     def is_rescoring_step(self, step: int) -> bool:
         c = self.config
         phase = self.phase(step)
+        if c.process == "one-shot":
+            return step == 0
         if phase == "soft":
             return step % c.rescore_every == 0 and step <= self.last_soft_rescoring()
         if phase == "hard":
@@ -187,7 +220,7 @@ class GradientFlowPruner:
                 self.config.round_to,
             )
             previous = self.pruned
-            self.pruned = self._evolve(previous, proposal, phase)
+            self.pruned = proposal if self.config.process == "one-shot" else self._evolve(previous, proposal, phase)
             self.last_changes = sum(int((self.pruned[k] & ~previous[k]).sum()) for k in self.pruned)
             rescored = True
         if phase != "done":
@@ -217,7 +250,9 @@ class GradientFlowPruner:
             name = family.name
             flags = previous[name].clone()
             score = self.scores[name].double().cpu()
-            if phase == "soft":
+            if phase == "soft" and self.config.soft_commit == "reselect":
+                flags = proposal[name].clone()
+            elif phase == "soft":
                 target = int(proposal[name].sum())
                 have = int(flags.sum())
                 if target > have:
@@ -243,24 +278,59 @@ class GradientFlowPruner:
         data = losses() if (losses is not None and self.criterion.needs_data) else []
         if self.criterion.needs_data and not data:
             raise ValueError(f"The {self.criterion.name} criterion needs loss mini-batches at step {self.step_count}.")
-        fresh = self.criterion.score(self.model, self.units, data)
-        if phase == "hard" and self.config.reactivation and any(bool(p.any()) for p in self.pruned.values()):
+        probing = phase == "hard" and self.config.reactivation and any(bool(p.any()) for p in self.pruned.values())
+        fair = probing and self.config.reactivation_rule == "fair"
+        if fair:
+            # Every unit is scored with every mask at 1, so pruned and kept units compete on equal terms;
+            # the training steps observed in the masked model are not in that state.
+            self._reset_observations()
+        else:
+            fresh = self.criterion.score(self.model, self.units, data, masks=self.masks)
+        if probing:
             # Pruned units have zero gradient; score them as if they were back.
             saved = self.masks.values.detach().clone()
             with torch.no_grad():
                 self.masks.values.fill_(1.0)
             try:
-                probe = self.criterion.score(self.model, self.units, data)
+                probe = self.criterion.score(self.model, self.units, data, masks=self.masks)
             finally:
                 with torch.no_grad():
                     self.masks.values.copy_(saved)
-            fresh = {k: torch.where(self.pruned[k], probe[k], fresh[k]) for k in fresh}
+            fresh = probe if fair else {k: torch.where(self.pruned[k], probe[k], fresh[k]) for k in fresh}
         ema = self.config.score_ema
         if self.scores is None or ema == 0:
             self.scores = {k: v.clone() for k, v in fresh.items()}
         else:
             self.scores = {k: ema * self.scores[k] + (1 - ema) * fresh[k] for k in fresh}
         self.num_rescorings += 1
+
+    # ------------------------------------------------------------------ the training trajectory
+    @property
+    def wants_mask_gradients(self) -> bool:
+        """Whether the training loop should keep ``masks.values.grad`` for :meth:`observe_training_step`."""
+        return bool(getattr(self.criterion, "uses_trajectory", False)) and self.phase() != "done"
+
+    def observe_training_step(self) -> None:
+        """Hand the mask gradient of the training step just taken to the criterion (then clear it).
+
+        Call after the backward pass of every optimizer step of the pruning stage; the gradient is
+        averaged across processes first, so every process records what one process with the whole
+        global batch would.
+        """
+        from .criteria import all_reduce_mean
+
+        values = self.masks.values
+        if values.grad is None:
+            return
+        grad = values.grad.detach().double().cpu()
+        values.grad = None
+        all_reduce_mean([grad])
+        self.criterion.observe(grad)
+
+    def _reset_observations(self) -> None:
+        reset = getattr(self.criterion, "reset_observations", None)
+        if reset is not None:
+            reset()
 
     def _write_masks(self, value: float) -> None:
         for family in self.units:
@@ -290,6 +360,9 @@ class GradientFlowPruner:
         if self.scores is not None:
             for name, value in self.scores.items():
                 tensors[f"score/{name}"] = value.double()
+        observed = getattr(self.criterion, "observation_state", lambda: {})()
+        if observed.get("observed") is not None:
+            tensors["observed"] = observed["observed"].double()
         meta = {
             "step": self.step_count,
             "num_rescorings": self.num_rescorings,
@@ -297,6 +370,7 @@ class GradientFlowPruner:
             "criterion_config": asdict(self.criterion.config),
             "config": asdict(self.config),
             "history": self.history,
+            "num_observed": observed.get("num_observed", 0),
         }
         return {"tensors": tensors, "meta": meta}
 
@@ -314,6 +388,8 @@ class GradientFlowPruner:
         self.step_count = int(meta["step"])
         self.num_rescorings = int(meta["num_rescorings"])
         self.history = list(meta["history"])
+        if hasattr(self.criterion, "load_observation_state"):
+            self.criterion.load_observation_state({"observed": tensors.get("observed"), "num_observed": meta.get("num_observed", 0)})
 
     def save(self, directory: str) -> None:
         """Write ``pruner.safetensors`` and ``pruner.json`` into ``directory``."""

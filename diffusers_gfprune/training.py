@@ -428,23 +428,39 @@ def save_pipeline_into(pipeline, output_dir: str, pruning_info: Optional[dict] =
 
 
 def scoring_losses(dataset, step: int, seed: int, batch_size: int, num_batches: int, scheduler, prediction_type=None,
-                   num_processes: int = 1, process_index: int = 0, device="cpu"):
-    """Mini-batches for the pruning criterion at ``step``, drawn from (seed, step) alone.
+                   num_processes: int = 1, process_index: int = 0, device="cpu", stratified: bool = True,
+                   resample: bool = False):
+    """Mini-batches for the pruning criterion, drawn from the seed alone (or from (seed, step) with ``resample``).
 
-    Needing no state of its own, a resumed run re-draws exactly what an uninterrupted run drew;
-    every process draws the same global batches and takes its slice.
+    Needing no state of their own, a resumed run re-draws exactly what an uninterrupted run drew; every
+    process draws the same global batches and takes its slice.
+
+    Parameters
+    ----------
+    stratified : bool
+        Timesteps one per stratum of ``[0, T)`` in every global mini-batch
+        (:func:`~diffusers_gfprune.objective.stratified_timesteps`) instead of uniform draws.
+    resample : bool
+        Draw new images, noise and timesteps at every re-scoring. By default every re-scoring sees the
+        same draw, so scores change between re-scorings because the model changed, not the sample.
     """
-    from .objective import DDPMLoss
+    from .objective import DDPMLoss, stratified_timesteps
 
-    generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(step))
+    key = int(seed) * 1_000_003 + (int(step) if resample else -1)
+    generator = torch.Generator().manual_seed(key % (2**63))
     prediction_type = prediction_type or scheduler.config.prediction_type
     part = slice(process_index * batch_size, (process_index + 1) * batch_size)
+    num_train = scheduler.config.num_train_timesteps
     losses = []
     for _ in range(num_batches):
-        index = torch.randint(len(dataset), (batch_size * num_processes,), generator=generator)
+        size = batch_size * num_processes
+        index = torch.randint(len(dataset), (size,), generator=generator)
         images = torch.stack([dataset[int(i)]["images"] for i in index])
         noise = torch.randn(images.shape, generator=generator)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (images.shape[0],), generator=generator)
+        if stratified:
+            timesteps = stratified_timesteps(size, num_train, generator)
+        else:
+            timesteps = torch.randint(0, num_train, (size,), generator=generator)
         losses.append(DDPMLoss(images[part].to(device), noise[part].to(device), timesteps[part].to(device), scheduler, prediction_type))
     return losses
 

@@ -49,6 +49,9 @@ TIMEOUT_S = 300  # the whole two-process run; gloo collectives time out sooner (
 CRITERIA = {
     "gradient_flow_exact": ("gradient_flow", dict(hvp="exact")),
     "gradient_flow_finite_difference": ("gradient_flow", dict(hvp="finite_difference")),
+    "gradient_flow_preserve": ("gradient_flow", dict(form="preserve")),
+    "gradient_flow_loss_change": ("gradient_flow", dict(form="loss_change")),
+    "gradient_flow_mask_flow": ("gradient_flow", dict(form="mask_flow")),
     "taylor": ("taylor", {}),
     "diff_pruning": ("diff_pruning", dict(num_timesteps=4)),
     # Losses on this batch: 1.08, 0.94, 0.92, 0.92 at t = 0, 333, 666, 999; thr=0.9 stops at t=333,
@@ -91,10 +94,10 @@ def compute(rank: int = 0, world: int = 1):
     out = {}
     model = build(ARCH).double()
     units = find_units(model)
-    soft_masks(model, units)
+    masks = soft_masks(model, units)
     loss = part(global_loss(), rank, world)
     for case, (name, kwargs) in CRITERIA.items():
-        scores = get_criterion(name, **kwargs).score(model, units, [loss])
+        scores = get_criterion(name, **kwargs).score(model, units, [loss], masks=masks)
         out.update({f"{case}/{k}": v for k, v in scores.items()})
     for name in PRUNER_CRITERIA:
         model = build(ARCH).double()
@@ -156,9 +159,9 @@ def results(tmp_path_factory):
             single = compute()
             model = build(ARCH).double()
             units = find_units(model)
-            soft_masks(model, units)
+            masks = soft_masks(model, units)
             half = {
-                case: get_criterion(name, **kwargs).score(model, units, [global_loss().split(WORLD_SIZE, 0)])
+                case: get_criterion(name, **kwargs).score(model, units, [global_loss().split(WORLD_SIZE, 0)], masks=masks)
                 for case, (name, kwargs) in CRITERIA.items()
             }
         # join() raises if a worker failed, after terminating the other one.

@@ -30,10 +30,10 @@ from tqdm.auto import tqdm
 
 from diffusers_gfprune import data, evaluation, export, training
 from diffusers_gfprune.counting import count_parameters, model_counts
-from diffusers_gfprune.criteria import CRITERIA, config_dict, get_criterion
+from diffusers_gfprune.criteria import CRITERIA, GRADIENT_FLOW_FORMS, config_dict, get_criterion
 from diffusers_gfprune.modeling_pruned_unet import PrunedUNet2DModel
 from diffusers_gfprune.plotting import plot_pruning_run
-from diffusers_gfprune.pruner import GradientFlowPruner, PrunerConfig
+from diffusers_gfprune.pruner import PROCESSES, REACTIVATION_RULES, SOFT_COMMITS, GradientFlowPruner, PrunerConfig
 from diffusers_gfprune.sampling import comparison_grid, sample_images
 from diffusers_gfprune.teacher import load_teacher, resolve_teacher
 from diffusers_gfprune.units import find_units
@@ -66,10 +66,25 @@ def parse_args(argv=None):
     p.add_argument("--rescore_every", type=int, default=None, help="K: re-score every K steps (default N / 10).")
     p.add_argument("--sparsity_schedule", type=str, default="linear", help="s_t: linear, cosine or exponential.")
     p.add_argument("--mask_schedule", type=str, default="linear", help="p_t: linear, cosine or exponential.")
+    p.add_argument("--gradient_flow_form", type=str, default="increase", choices=GRADIENT_FLOW_FORMS,
+                   help="gradient_flow: which member of the family ranks the units (see docs/benchmarks.md): 'increase' (the "
+                        "paper), 'preserve', 'loss_change' or 'mask_flow'.")
+    p.add_argument("--process", type=str, default="progressive", choices=PROCESSES,
+                   help="'progressive': soft phase, hard phase, export at M (the paper); 'one-shot': prune the dense teacher "
+                        "at step 0, export, fine-tune.")
     p.add_argument("--score_ema", type=float, default=0.5, help="Smoothing of scores between re-scorings.")
     p.add_argument("--score_batches", type=int, default=2, help="Mini-batches per re-scoring.")
     p.add_argument("--score_batch_size", type=int, default=None, help="Images per scoring mini-batch (default: train_batch_size).")
-    p.add_argument("--hvp", type=str, default="exact", choices=["exact", "finite_difference"], help="gradient_flow: how H g is computed.")
+    p.add_argument("--score_timesteps", type=str, default="stratified", choices=["stratified", "uniform"],
+                   help="Timesteps of the scoring mini-batches: one per stratum of [0, T) (stratified) or uniform draws.")
+    p.add_argument("--score_resample", action="store_true",
+                   help="Draw new scoring images and noise at every re-scoring (default: the same draw, fixed by --seed).")
+    p.add_argument("--hvp", type=str, default="exact", choices=["exact", "finite_difference"], help="gradient_flow: how H v is computed.")
+    p.add_argument("--soft_commit", type=str, default="monotone", choices=SOFT_COMMITS,
+                   help="Soft phase: keep selected units selected ('monotone') or select anew at every re-scoring ('reselect').")
+    p.add_argument("--reactivation", type=str, default="on", choices=["on", "off"], help="Hard phase: pruned units can come back.")
+    p.add_argument("--reactivation_rule", type=str, default="fair", choices=REACTIVATION_RULES,
+                   help="Hard phase: score pruned and kept units with every mask at 1 ('fair') or kept units in the masked model ('mixed').")
     p.add_argument("--diff_pruning_timesteps", type=int, default=None,
                    help="diff_pruning: timesteps scanned from low to high noise (default: the criterion's own, 100).")
     p.add_argument("--reactivation_fraction", type=float, default=0.05,
@@ -93,6 +108,12 @@ def parse_args(argv=None):
 
 
 def pruning_config(args) -> PrunerConfig:
+    if args.process == "one-shot":
+        if args.max_train_steps < 1:
+            raise ValueError("--process one-shot fine-tunes after pruning at step 0: --max_train_steps must be >= 1.")
+        return PrunerConfig(target_sparsity=args.target_sparsity, process="one-shot",
+                            selection="local" if args.layout == "stock" else "global", min_keep_fraction=args.min_keep_fraction,
+                            round_to=args.round_to)
     soft = args.soft_steps if args.soft_steps is not None else max(1, round(0.1 * args.max_train_steps))
     pruning = args.pruning_steps if args.pruning_steps is not None else max(soft + 1, round(0.2 * args.max_train_steps))
     if pruning >= args.max_train_steps:
@@ -112,6 +133,9 @@ def pruning_config(args) -> PrunerConfig:
         selection="local" if args.layout == "stock" else "global",
         min_keep_fraction=args.min_keep_fraction,
         score_ema=args.score_ema,
+        soft_commit=args.soft_commit,
+        reactivation=args.reactivation == "on",
+        reactivation_rule=args.reactivation_rule,
         reactivation_fraction=args.reactivation_fraction,
         round_to=args.round_to,
     )
@@ -120,7 +144,7 @@ def pruning_config(args) -> PrunerConfig:
 def criterion_options(args) -> dict:
     """The criterion's config from the flags: ``random`` draws from the run's --seed, so that seeds differ."""
     if args.criterion == "gradient_flow":
-        return {"hvp": args.hvp}
+        return {"hvp": args.hvp, "form": args.gradient_flow_form}
     if args.criterion == "random":
         return {"seed": args.seed}
     if args.criterion == "diff_pruning" and args.diff_pruning_timesteps is not None:
@@ -140,6 +164,10 @@ def validate(args):
         raise ValueError(f"--target_macs is a fraction of the dense MACs in (0, 1], got {args.target_macs}.")
     if args.score_batches < 1:
         raise ValueError("--score_batches must be >= 1.")
+    score_batch = args.score_batch_size or args.train_batch_size
+    if args.criterion == "gradient_flow" and args.gradient_flow_form in ("increase", "preserve") and score_batch < 2:
+        raise ValueError(f"--gradient_flow_form {args.gradient_flow_form} takes g and H g from different images of each scoring "
+                         f"mini-batch: --score_batch_size must be >= 2 (got {score_batch}).")
     if args.round_to < 1:
         raise ValueError(f"--round_to is a channel multiple >= 1 (e.g. 8 or 32; 1 = no rounding), got {args.round_to}.")
     if args.num_eval_images == 1 or args.num_eval_images < 0:
@@ -300,9 +328,28 @@ def main(argv=None):
     progress = tqdm(total=args.max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="prune")
     score_batch = args.score_batch_size or args.train_batch_size
 
+    def scoring(step):
+        """The criterion's mini-batches at ``step`` (drawn only when a re-scoring needs them)."""
+        return lambda: training.scoring_losses(
+            dataset, step, args.seed, score_batch, args.score_batches, noise_scheduler, args.prediction_type,
+            accelerator.num_processes, accelerator.process_index, accelerator.device,
+            stratified=args.score_timesteps == "stratified", resample=args.score_resample,
+        )
+
     info = None
     loss_value = float("nan")
     pruning_seconds = 0.0
+    if state["stage"] == "pruning" and config.process == "one-shot":
+        # One shot: the dense teacher is scored once, the target is pruned at once and exported before any training.
+        tick = time.time()
+        pruner.step(0, scoring(0))
+        pruning_seconds += time.time() - tick
+        state["masks"] = {k: v.detach().cpu().contiguous() for k, v in pruner.final_masks().items()}
+        student, optimizer, lr_scheduler, ema = _export_and_rebuild(accelerator, student, ema, pruner, units, args, global_step)
+        state["stage"] = "finetune"
+        pruner.masks.detach()
+        state["seconds"]["pruning"] += time.time() - tick
+        accelerator.print(f"Pruned in one shot and exported at step 0: {count_parameters(accelerator.unwrap_model(student)):,} parameters")
     micro_step = 0
     fid_reference = None
     if args.validation_fid_images:
@@ -317,14 +364,13 @@ def main(argv=None):
                 micro_step += 1
                 if state["stage"] == "pruning" and info is None:
                     tick = time.time()
-                    losses = lambda: training.scoring_losses(  # noqa: E731
-                        dataset, global_step, args.seed, score_batch, args.score_batches, noise_scheduler,
-                        args.prediction_type, accelerator.num_processes, accelerator.process_index, accelerator.device,
-                    )
-                    info = pruner.step(global_step, losses)
+                    info = pruner.step(global_step, scoring(global_step))
                     pruning_seconds += time.time() - tick
+                    pruner.masks.values.requires_grad_(pruner.wants_mask_gradients)
                 loss = noise.loss(batch["images"], noise_scheduler, args.prediction_type)(student)
                 accelerator.backward(loss)
+                if state["stage"] == "pruning" and accelerator.sync_gradients and pruner.wants_mask_gradients:
+                    pruner.observe_training_step()  # mask_flow learns from the training steps themselves
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(student.parameters(), args.max_grad_norm)
                 optimizer.step()
@@ -467,7 +513,8 @@ def write_model_card(args, source, data_config, config, summary, comparison=None
               if args.target_macs is not None else f"unit sparsity {args.target_sparsity:.4g}")
     hyper = {k: getattr(args, k) for k in ("train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler",
                                           "lr_warmup_steps", "max_train_steps", "use_ema", "ema_max_decay", "seed", "mixed_precision",
-                                          "score_batches", "score_ema", "hvp")}
+                                          "score_batches", "score_batch_size", "score_timesteps", "score_resample", "score_ema",
+                                          "hvp", "gradient_flow_form", "process", "soft_commit", "reactivation", "reactivation_rule")}
     info = CardInfo(
         repo_name=os.path.basename(os.path.normpath(args.hub_model_id or args.output_dir)),
         repo_id=args.hub_model_id or os.path.normpath(args.output_dir),
