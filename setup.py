@@ -17,6 +17,7 @@ INSTALL_REQUIRES = [
     "datasets==5.2.0",
     "safetensors==0.8.0",
     "scikit-learn==1.9.1",
+    "scikit-image==0.26.0",  # ships the photographs of the built-in "photos" data set
     "scipy==1.17.1",
     "numpy==2.4.6",
     "torchmetrics==1.9.0",

@@ -7,6 +7,9 @@ The three sources share one option, as in diffusers' ``train_unconditional.py``:
   scikit-learn, so it works offline. This name shadows a Hub data set or a local directory
   called exactly ``digits``; pass such a directory as ``./digits`` instead (Hub data sets are
   normally named ``owner/name`` and are not affected).
+* ``dataset_name="photos"`` selects the built-in colour data set: 32x32 crops of seven real
+  photographs shipped with scikit-image (offline); see :mod:`diffusers_gfprune.photos`. Its
+  splits are ``"train"`` and ``"test"`` (crops of held-out regions of every photograph).
 * any other ``dataset_name`` goes to ``datasets.load_dataset(dataset_name, dataset_config_name,
   cache_dir=..., split=...)``: a Hub data set, or a local directory/file in a format that
   ``load_dataset`` reads (for instance a folder of parquet files).
@@ -42,7 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-BUILTIN_DATASETS = ("digits",)
+from . import photos
+
+BUILTIN_DATASETS = ("digits", "photos")
 
 DIGITS_NUM_IMAGES = 1797
 """Number of images in scikit-learn's ``load_digits()``."""
@@ -353,7 +358,7 @@ class ImageDataset(Dataset):
 
 
 def _is_digits(config: DataConfig) -> bool:
-    return config.dataset_name in BUILTIN_DATASETS
+    return config.dataset_name == "digits"
 
 
 def _check_in_channels(in_channels) -> int:
@@ -396,6 +401,8 @@ def _source_kind(config: DataConfig) -> str:
             f"are set; give only one of them (unset the other)."
         )
     if has_name:
+        if config.dataset_name == photos.DATASET_NAME:
+            return "photos"
         return "digits" if _is_digits(config) else "hub"
     return "imagefolder"
 
@@ -463,6 +470,8 @@ def _check_static(config: DataConfig, in_channels: int, split: str) -> str:
             )
         if in_channels != DigitsDataset.num_channels:
             raise _channel_mismatch(DigitsDataset.num_channels, in_channels, "The built-in 'digits' data set", None)
+    elif kind == "photos":
+        _check_photos(config, in_channels, split)
     elif kind == "imagefolder":
         _check_train_data_dir(config.train_data_dir)
         if config.image_column != "image":
@@ -473,6 +482,23 @@ def _check_static(config: DataConfig, in_channels: int, split: str) -> str:
                 f"metadata columns). Set image_column='image'."
             )
     return kind
+
+
+def _check_photos(config: DataConfig, in_channels: int, split: str) -> None:
+    """The built-in photos: a known split, no configuration or label column, a 3-channel model."""
+    photos.check_split(split)
+    if config.dataset_config_name:
+        raise ValueError(
+            f"The built-in 'photos' data set has no configurations, but dataset_config_name="
+            f"{config.dataset_config_name!r} is set; unset it."
+        )
+    if config.label_column not in (None, "label", "labels"):
+        raise ValueError(
+            f"The built-in 'photos' always return their labels (photograph x scale bin); label_column="
+            f"{config.label_column!r} does not apply to them. Leave label_column unset."
+        )
+    if in_channels != photos.PhotosDataset.num_channels:
+        raise _channel_mismatch(photos.PhotosDataset.num_channels, in_channels, "The built-in 'photos' data set", None)
 
 
 def _describe(config: DataConfig, kind: str) -> str:
@@ -652,6 +678,8 @@ def load_train_dataset(config: DataConfig, in_channels: int, split: str = "train
     kind = _check_static(config, in_channels, split)
     if kind == "digits":
         return DigitsDataset(split, config.resolution, config.random_flip, config.max_train_samples)
+    if kind == "photos":
+        return photos.PhotosDataset(split, config.resolution, config.random_flip, config.max_train_samples)
 
     what = _describe(config, kind)
     dataset = _load_hf(config, kind, split)

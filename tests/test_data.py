@@ -64,7 +64,7 @@ def constant(h, w, value, channels=None):
 
 
 def test_digits_is_builtin():
-    assert BUILTIN_DATASETS == ("digits",)
+    assert BUILTIN_DATASETS == ("digits", "photos")
 
 
 def test_digits_splits_are_disjoint_and_cover_everything(sk_digits):

@@ -53,7 +53,7 @@ def parse_args(argv=None):
     e.add_argument("--num_inference_steps", type=int, default=100, help="DDIM steps (eta 0).")
     e.add_argument("--eval_batch_size", type=int, default=64, help="Images per sampling batch.")
     e.add_argument("--eval_fid", type=str, default="auto", choices=evaluation.FID_CHOICES,
-                   help="FID/KID features: 'auto' = the digits classifier for the built-in digits, Inception-v3 otherwise "
+                   help="FID/KID features: 'auto' = the shipped classifier of a built-in data set (digits, photos), Inception-v3 otherwise "
                         "(listed as not computed when its weights are unavailable).")
     e.add_argument("--inception_weights", type=str, default=None,
                    help="Path of torch-fidelity's Inception-v3 weights file, for Inception FID offline.")
@@ -159,11 +159,12 @@ def validate(args):
     if args.throughput_repeats < 0 or args.throughput_batch_size < 1 or args.num_grid_images < 0:
         raise ValueError("--throughput_repeats and --num_grid_images must be >= 0, --throughput_batch_size >= 1.")
     digits = args.dataset_name == "digits"
-    if args.eval_fid == evaluation.DIGITS_FEATURE_EXTRACTOR and not digits:
-        raise ValueError(
-            f"--eval_fid {evaluation.DIGITS_FEATURE_EXTRACTOR} measures the built-in digits only (--dataset_name digits); "
-            "use --eval_fid auto or inception-v3-compat for other data."
-        )
+    for name, extractor in evaluation.BUILTIN_FEATURE_EXTRACTORS.items():
+        if args.eval_fid == extractor and args.dataset_name != name:
+            raise ValueError(
+                f"--eval_fid {extractor} measures the built-in {name} only (--dataset_name {name}); "
+                "use --eval_fid auto or inception-v3-compat for other data."
+            )
     if args.inception_weights is not None and not os.path.isfile(args.inception_weights):
         raise ValueError(f"--inception_weights {args.inception_weights!r} is not a file.")
     if args.output_dir is None:
@@ -204,7 +205,7 @@ def evaluate(args, pruned_unet, teacher_unet, scheduler, data_config, digits: bo
     """Quality (SSIM, FID/KID), size (params, MACs) and speed of ``pruned_unet`` against ``teacher_unet``."""
     reference = None
     dataset_name = args.dataset_name or os.path.basename(os.path.normpath(args.train_data_dir or "images"))
-    if not digits and args.eval_fid != "none":
+    if args.dataset_name not in evaluation.BUILTIN_FEATURE_EXTRACTORS and args.eval_fid != "none":
         dataset = data.load_train_dataset(data_config, in_channels)
         reference = evaluation.real_images(dataset, args.num_eval_images, args.seed)
     comparison = evaluation.evaluate_against_teacher(

@@ -98,10 +98,10 @@ def parse_args(argv=None):
     e.add_argument("--num_eval_images", type=int, default=300,
                    help="Image pairs (teacher, pruned) sampled from the same noise for SSIM and FID/KID; 0 skips the evaluation.")
     e.add_argument("--eval_fid", type=str, default="auto", choices=evaluation.FID_CHOICES,
-                   help="FID/KID features: 'auto' = the digits classifier for the built-in digits, Inception-v3 otherwise "
+                   help="FID/KID features: 'auto' = the shipped classifier of a built-in data set (digits, photos), Inception-v3 otherwise "
                         "(listed as not computed when its weights are unavailable).")
     e.add_argument("--validation_fid_images", type=int, default=0,
-                   help="At every validation step, also the FID (digits classifier features) of this many samples; the built-in digits only.")
+                   help="At every validation step, also the FID (the shipped classifier's features) of this many samples; built-in data sets only.")
     e.add_argument("--inception_weights", type=str, default=None,
                    help="Path of torch-fidelity's Inception-v3 weights file, for Inception FID offline.")
     return parser.parse_args(argv)
@@ -172,16 +172,19 @@ def validate(args):
         raise ValueError(f"--round_to is a channel multiple >= 1 (e.g. 8 or 32; 1 = no rounding), got {args.round_to}.")
     if args.num_eval_images == 1 or args.num_eval_images < 0:
         raise ValueError(f"--num_eval_images must be 0 (no evaluation) or at least 2, got {args.num_eval_images}.")
-    if args.eval_fid == evaluation.DIGITS_FEATURE_EXTRACTOR and args.dataset_name != "digits":
+    builtin_fid = evaluation.BUILTIN_FEATURE_EXTRACTORS
+    for name, extractor in builtin_fid.items():
+        if args.eval_fid == extractor and args.dataset_name != name:
+            raise ValueError(
+                f"--eval_fid {extractor} measures the built-in {name} only (--dataset_name {name}); "
+                "use --eval_fid auto or inception-v3-compat for other data."
+            )
+    if args.validation_fid_images and (args.dataset_name not in builtin_fid or args.validation_fid_images < 4):
         raise ValueError(
-            f"--eval_fid {evaluation.DIGITS_FEATURE_EXTRACTOR} measures the built-in digits only (--dataset_name digits); "
-            "use --eval_fid auto or inception-v3-compat for other data."
-        )
-    if args.validation_fid_images and (args.dataset_name != "digits" or args.validation_fid_images < 4):
-        raise ValueError(
-            "--validation_fid_images computes the FID in the digits classifier's features during training: it needs "
-            f"--dataset_name digits and at least 4 images (got {args.validation_fid_images} on {args.dataset_name!r}); "
-            "for other data, evaluate checkpoints with training/evaluate.py."
+            "--validation_fid_images computes the FID in a shipped classifier's features during training: it needs "
+            f"a built-in data set (--dataset_name {' or '.join(builtin_fid)}) and at least 4 images (got "
+            f"{args.validation_fid_images} on {args.dataset_name!r}); for other data, evaluate checkpoints with "
+            "training/evaluate.py."
         )
     if args.inception_weights is not None and not os.path.isfile(args.inception_weights):
         raise ValueError(f"--inception_weights {args.inception_weights!r} is not a file.")
@@ -353,7 +356,8 @@ def main(argv=None):
     micro_step = 0
     fid_reference = None
     if args.validation_fid_images:
-        fid_reference = evaluation.digits_reference("test", sample_size)
+        fid_reference = evaluation.builtin_reference(args.dataset_name, "test", sample_size)
+        fid_key = "fid_" + evaluation.FEATURE_EXTRACTORS[evaluation.BUILTIN_FEATURE_EXTRACTORS[args.dataset_name]].key
     tick_step = time.time()
     while global_step < args.max_train_steps:
         epoch, skip = divmod(global_step, steps_per_epoch)
@@ -419,9 +423,9 @@ def main(argv=None):
                 training.log_images(accelerator, "teacher_vs_pruned", grid, global_step)
                 if fid_reference is not None:
                     fid = evaluation.validation_fid(unet, ddim, args.validation_fid_images, args.num_inference_steps, args.seed,
-                                                    fid_reference)
-                    state["history"][-1]["fid_digits_classifier"] = fid
-                    accelerator.log({"fid_digits_classifier": fid}, step=global_step)
+                                                    fid_reference, dataset_name=args.dataset_name)
+                    state["history"][-1][fid_key] = fid
+                    accelerator.log({fid_key: fid}, step=global_step)
                 tick_step = time.time()  # validation is not training time
             if global_step >= args.max_train_steps:
                 break
@@ -492,7 +496,7 @@ def _evaluate(args, teacher, unet, scheduler, dataset, data_config):
         return None
     digits = data_config.dataset_name == "digits"
     reference = None
-    if not digits and args.eval_fid != "none":
+    if data_config.dataset_name not in evaluation.BUILTIN_FEATURE_EXTRACTORS and args.eval_fid != "none":
         reference = evaluation.real_images(dataset, args.num_eval_images, args.seed)
     logger.info("Evaluating %d image pairs (teacher, pruned) ...", args.num_eval_images)
     return evaluation.evaluate_against_teacher(

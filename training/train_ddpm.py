@@ -5,6 +5,11 @@ The same data options as prune.py, including the built-in 'digits' (offline). Th
 teacher was made with this script; see docs/teacher.md for the exact command.
 
     accelerate launch training/train_ddpm.py --dataset_name digits --output_dir ddpm-digits
+
+The colour teacher trains on the built-in 'photos' (32x32 crops of real photographs, offline):
+
+    accelerate launch training/train_ddpm.py --dataset_name photos --output_dir ddpm-photos \
+        --block_out_channels 32 64 128 --attention_levels 1
 """
 
 import argparse
@@ -35,7 +40,7 @@ def parse_args(argv=None):
     training.add_hub_arguments(parser)
     model = parser.add_argument_group("model")
     model.add_argument("--model_config", type=str, default=None, help="A UNet2DModel config.json to train; overrides the options below.")
-    model.add_argument("--sample_size", type=int, default=16, help="Image side length of the model.")
+    model.add_argument("--sample_size", type=int, default=None, help="Image side length of the model (default: 32 for photos, else 16).")
     model.add_argument("--in_channels", type=int, default=None, help="Image channels (default: 1 for digits, else 3).")
     model.add_argument("--block_out_channels", type=int, nargs="+", default=[32, 64, 64], help="Channels per level.")
     model.add_argument("--layers_per_block", type=int, default=1, help="ResNet blocks per level.")
@@ -70,6 +75,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.in_channels is None:
         args.in_channels = 1 if args.dataset_name == "digits" else 3
+    if args.sample_size is None:
+        args.sample_size = 32 if args.dataset_name == "photos" else 16
     # Everything that can be wrong with the arguments is reported before any heavy work.
     training.check_training_arguments(args)
     training.check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint)
@@ -99,6 +106,9 @@ def main(argv=None):
     lr_scheduler = training.create_lr_scheduler(optimizer, args, accelerator.num_processes)
     noise = training.GlobalBatchNoise(args.seed, accelerator.num_processes, accelerator.process_index)
 
+    # Training wall time, carried across resumes in the checkpoints (sampling grids included).
+    wall = {"before": 0.0, "started": time.time()}
+
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
             for m in models:
@@ -106,7 +116,8 @@ def main(argv=None):
                 weights.pop()
             if ema is not None:
                 ema.save_pretrained(os.path.join(output_dir, "unet_ema"))
-            training.save_extra_state(output_dir, {f"noise/{k}": v for k, v in noise.state_dict().items()}, {"stage": "train"})
+            meta = {"stage": "train", "wall_seconds": wall["before"] + time.time() - wall["started"]}
+            training.save_extra_state(output_dir, {f"noise/{k}": v for k, v in noise.state_dict().items()}, meta)
 
     def load_hook(models, input_dir):
         for _ in range(len(models)):
@@ -115,8 +126,9 @@ def main(argv=None):
             accelerator.unwrap_model(m).load_state_dict(loaded.state_dict())
         if ema is not None:
             training.load_ema(ema, os.path.join(input_dir, "unet_ema"), UNet2DModel)
-        tensors, _ = training.load_extra_state(input_dir)
+        tensors, meta = training.load_extra_state(input_dir)
         noise.load_state_dict({"generator": tensors["noise/generator"]})
+        wall["before"] = float(meta.get("wall_seconds", 0.0))
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
@@ -194,6 +206,7 @@ def main(argv=None):
             "steps": global_step,
             "steps_this_invocation": global_step - first_step,
             "wall_seconds_this_invocation": time.time() - started,
+            "wall_seconds_total": wall["before"] + time.time() - wall["started"],
             "num_parameters": sum(p.numel() for p in unet.parameters()),
             "command": " ".join(sys.argv),
         }

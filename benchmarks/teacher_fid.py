@@ -1,0 +1,104 @@
+#!/usr/bin/env python
+"""FID of a shipped teacher next to real images, in its built-in data set's offline feature space.
+
+Every row uses the same number of images against the same reference (all held-out images of the
+data set, seed 0), in the shipped classifier's features of that data set (NOT Inception):
+
+* ``teacher``: DDIM samples of the teacher (eta 0, noise seeded with ``--seed``);
+* ``real held-out``: as many held-out crops made with another crop seed (photos only; other crops of
+  the same held-out regions, not the reference's images);
+* ``real training``: as many training images (the floor: what a perfect model of the training data
+  gets at this sample count).
+
+Writes a JSON file and a sample grid (teacher samples above real training images).
+
+    python benchmarks/teacher_fid.py --teacher teachers/ddpm-photos --dataset_name photos \\
+        --num_images 256 --num_inference_steps 50 --output_json docs/teacher_photos_fid.json \\
+        --grid docs/images/teacher_photos_vs_real.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+
+from diffusers import DDIMScheduler, DDPMPipeline  # noqa: E402
+
+from diffusers_gfprune import evaluation  # noqa: E402
+from diffusers_gfprune.sampling import comparison_grid, sample_images  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", type=str, required=True, help="A local DDPMPipeline folder.")
+    parser.add_argument("--dataset_name", type=str, required=True, choices=sorted(evaluation.BUILTIN_FEATURE_EXTRACTORS))
+    parser.add_argument("--num_images", type=int, default=256, help="Images per row.")
+    parser.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps (eta 0).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the teacher's initial noise.")
+    parser.add_argument("--output_json", type=str, default=None)
+    parser.add_argument("--grid", type=str, default=None, help="PNG of 16 teacher samples above 16 real training images.")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.num_images < 4:
+        raise ValueError(f"--num_images must be at least 4 (KID subsets of 2), got {args.num_images}.")
+    pipeline = DDPMPipeline.from_pretrained(args.teacher)
+    unet = pipeline.unet.eval()
+    size = unet.config.sample_size
+    name = args.dataset_name
+    reference = evaluation.builtin_reference(name, "test", size)
+    key = "fid_" + evaluation.FEATURE_EXTRACTORS[evaluation.BUILTIN_FEATURE_EXTRACTORS[name]].key
+
+    started = time.time()
+    noise = torch.randn((args.num_images, unet.config.in_channels, size, size), generator=torch.Generator().manual_seed(args.seed))
+    ddim = DDIMScheduler.from_config(pipeline.scheduler.config)
+    from tqdm.auto import tqdm
+
+    samples = torch.cat([sample_images(unet, ddim, chunk, args.num_inference_steps) for chunk in tqdm(noise.split(64), desc="teacher samples")])
+    sampling_seconds = time.time() - started
+
+    train = evaluation.builtin_reference(name, "train", size, max_samples=args.num_images)
+    rows = {"teacher": samples, "real training (floor)": train.images}
+    if name == "photos":
+        from diffusers_gfprune.photos import PhotosDataset
+
+        other = PhotosDataset("test", size, max_samples=args.num_images, seed=1)
+        rows["real held-out (other crops)"] = torch.stack([other[i]["images"] for i in range(len(other))]).add(1).div(2)
+    results = {}
+    for row, images in rows.items():
+        scores = evaluation.builtin_fid_kid(images, reference, name)
+        results[row] = {"fid": scores[key], "kid_mean": scores[key.replace("fid_", "kid_") + "_mean"], "num_images": len(images)}
+        print(f"{row:32s} FID {scores[key]:8.3f}   KID {results[row]['kid_mean']:.4f}   ({len(images)} images)")
+    out = {
+        "teacher": os.path.relpath(args.teacher) if not os.path.isabs(args.teacher) else os.path.basename(args.teacher),
+        "dataset_name": name,
+        "metric": evaluation.METRIC_DISPLAY_NAMES[key],
+        "reference": f"{reference.name} (all held-out images)",
+        "num_images": args.num_images,
+        "sampler": f"DDIM {args.num_inference_steps} steps, eta 0, seed {args.seed}",
+        "sampling_seconds": round(sampling_seconds, 1),
+        "rows": results,
+    }
+    if args.output_json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
+        with open(args.output_json + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(out, f, indent=2)
+            f.write("\n")
+        os.replace(args.output_json + ".tmp", args.output_json)
+    if args.grid:
+        real = train.images[torch.linspace(0, len(train) - 1, 16).round().long()].float() / 255.0
+        comparison_grid([samples[:16], real], ["teacher", "real crops"], scale=4).save(args.grid)
+    return out
+
+
+if __name__ == "__main__":
+    main()
