@@ -22,8 +22,16 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
 # ---------------------------------------------------------------------- arguments
 def add_data_arguments(parser: argparse.ArgumentParser, default_dataset: Optional[str] = "digits") -> None:
-    parser.add_argument("--dataset_name", type=str, default=default_dataset,
-                        help="A Hub data set (owner/name), a local data set path, or the built-in 'digits' (scikit-learn's 8x8 digits, offline).")
+    """The data flags of diffusers' example scripts.
+
+    ``default_dataset`` applies only when neither ``--dataset_name`` nor ``--train_data_dir`` is given;
+    call :func:`resolve_data_arguments` on the parsed namespace to apply it.
+    """
+    default_help = f" Default, when no source is given: {default_dataset!r}." if default_dataset else ""
+    parser.add_argument("--dataset_name", type=str, default=None,
+                        help="A Hub data set (owner/name), a local data set path, or the built-in 'digits' (scikit-learn's "
+                             "8x8 digits, offline)." + default_help)
+    parser.set_defaults(default_dataset_name=default_dataset)
     parser.add_argument("--dataset_config_name", type=str, default=None, help="The data set's config name, if it has several.")
     parser.add_argument("--train_data_dir", type=str, default=None,
                         help="A folder of images (loaded as an 'imagefolder' data set); use instead of --dataset_name.")
@@ -35,6 +43,14 @@ def add_data_arguments(parser: argparse.ArgumentParser, default_dataset: Optiona
     parser.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random.")
     parser.add_argument("--max_train_samples", type=int, default=None, help="Use only this many training images (debugging).")
     parser.add_argument("--dataloader_num_workers", type=int, default=0, help="Data loader worker processes.")
+
+
+def resolve_data_arguments(args: argparse.Namespace) -> argparse.Namespace:
+    """Apply the default data set of :func:`add_data_arguments`, only when the user gave no source."""
+    from .data import resolve_source
+
+    args.dataset_name = resolve_source(args.dataset_name, args.train_data_dir, getattr(args, "default_dataset_name", None))
+    return args
 
 
 def add_training_arguments(parser: argparse.ArgumentParser, defaults: Optional[dict] = None) -> None:

@@ -89,7 +89,7 @@ def parse_args(argv=None):
                    help="At every validation step, also the FID (digits classifier features) of this many samples; the built-in digits only.")
     e.add_argument("--inception_weights", type=str, default=None,
                    help="Path of torch-fidelity's Inception-v3 weights file, for Inception FID offline.")
-    return parser.parse_args(argv)
+    return training.resolve_data_arguments(parser.parse_args(argv))
 
 
 def pruning_config(args) -> PrunerConfig:

@@ -43,7 +43,7 @@ def parse_args(argv=None):
     model.add_argument("--norm_num_groups", type=int, default=16, help="GroupNorm groups.")
     model.add_argument("--num_train_timesteps", type=int, default=1000, help="Diffusion steps of the scheduler.")
     model.add_argument("--beta_schedule", type=str, default="linear", help="Beta schedule of the DDPMScheduler.")
-    return parser.parse_args(argv)
+    return training.resolve_data_arguments(parser.parse_args(argv))
 
 
 def build_model(args) -> UNet2DModel:
