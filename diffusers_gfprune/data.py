@@ -387,7 +387,9 @@ def resolve_source(dataset_name: Optional[str], train_data_dir: Optional[str], d
     The rule: the built-in default data set applies only when the user gives no source at all.
     ``--train_data_dir`` alone means that folder; ``--dataset_name`` alone means that data set;
     both together are refused (by :func:`validate_data_source`), naming both values. An empty
-    ``--dataset_name ''`` or ``--train_data_dir ''`` is refused here rather than read as "unset".
+    ``--dataset_name ''`` or ``--train_data_dir ''`` is refused here rather than read as "unset"
+    (``--dataset_name ''`` next to a ``--train_data_dir``, the way the default used to be unset, still
+    means that folder).
 
     Parameters
     ----------
@@ -396,6 +398,8 @@ def resolve_source(dataset_name: Optional[str], train_data_dir: Optional[str], d
     default : str or None
         The script's default data set (e.g. ``"digits"``), or None for no default.
     """
+    if dataset_name is not None and not dataset_name.strip() and train_data_dir:
+        dataset_name = None
     for flag, value in (("--dataset_name", dataset_name), ("--train_data_dir", train_data_dir)):
         if value is not None and not str(value).strip():
             raise ValueError(

@@ -153,3 +153,11 @@ def tiny_teacher(tmp_path_factory):
     bare = root / "bare_unet"
     shutil.copytree(pipeline / "unet", bare)
     return {"pipeline": str(pipeline), "unet": str(bare)}
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Tables that test modules register (``config.stash["gfprune_tables"]``), shown even without ``-s``."""
+    for table in config.stash.get("gfprune_tables", []):
+        terminalreporter.write_line("")
+        for line in table.splitlines():
+            terminalreporter.write_line(line)

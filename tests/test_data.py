@@ -511,6 +511,7 @@ SOURCE_FLAG_CASES = {
                    r"--dataset_name digits --train_data_dir .*images.*give only one"),
     "empty dataset_name": (["--dataset_name", ""], None, r"--dataset_name was given an empty value"),
     "empty train_data_dir": (["--train_data_dir", ""], None, r"--train_data_dir was given an empty value"),
+    "empty dataset_name next to train_data_dir": (["--dataset_name", "", "--train_data_dir", "{folder}"], None, None),
 }
 
 

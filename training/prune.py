@@ -158,6 +158,7 @@ def validate(args):
     if args.inception_weights is not None and not os.path.isfile(args.inception_weights):
         raise ValueError(f"--inception_weights {args.inception_weights!r} is not a file.")
     source = resolve_teacher(args.pretrained_model_name_or_path, args.revision, args.cache_dir, args.hub_token)
+    export.check_layout(source.unet_config, args.layout)  # block types, time embedding and layout, before any work
     in_channels = source.unet_config.get("in_channels", 3)
     resolution = args.resolution or source.unet_config.get("sample_size")
     data_config = data.DataConfig(
