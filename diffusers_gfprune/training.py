@@ -20,6 +20,40 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
 
+# ---------------------------------------------------------------------- paths that get published
+REPO_ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+
+
+def portable_path(path: Optional[str], root: str = REPO_ROOT) -> Optional[str]:
+    """``path`` as it may be recorded in a committed or published file: no machine-local folders, no user name.
+
+    A path inside ``root`` (the repository) becomes relative to it; any other absolute path (or one under the
+    home folder) becomes its base name. Relative paths and Hub ids are kept as they are.
+    """
+    if path is None:
+        return None
+    text = os.fspath(path)
+    expanded = os.path.expanduser(text)
+    if not os.path.isabs(expanded):
+        return text
+    full = os.path.normpath(expanded)
+    if full == root or full.startswith(root + os.sep):
+        return os.path.relpath(full, root)
+    return os.path.basename(full) or full
+
+
+def portable_argv(argv: List[str], root: str = REPO_ROOT) -> List[str]:
+    """A command line with every absolute path made portable (:func:`portable_path`), ``--flag=/path`` included."""
+    out = []
+    for arg in argv:
+        flag, eq, value = arg.partition("=")
+        if eq and flag.startswith("--"):
+            out.append(f"{flag}={portable_path(value, root)}")
+        else:
+            out.append(portable_path(arg, root))
+    return out
+
+
 # ---------------------------------------------------------------------- arguments
 def add_data_arguments(parser: argparse.ArgumentParser, default_dataset: Optional[str] = "digits") -> None:
     """The data flags of diffusers' example scripts.

@@ -195,7 +195,7 @@ def main(argv=None):
             "steps_this_invocation": global_step - first_step,
             "wall_seconds_this_invocation": time.time() - started,
             "num_parameters": sum(p.numel() for p in unet.parameters()),
-            "command": " ".join(sys.argv),
+            "command": " ".join(training.portable_argv(sys.argv)),
         }
         path = os.path.join(args.output_dir, "training_summary.json")
         with open(f"{path}.tmp", "w") as f:
