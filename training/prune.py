@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from diffusers_gfprune import data, evaluation, export, training
 from diffusers_gfprune.counting import count_parameters, model_counts
+from diffusers_gfprune.hub import public_name, scrub_local_paths
 from diffusers_gfprune.criteria import CRITERIA, config_dict, get_criterion
 from diffusers_gfprune.modeling_pruned_unet import PrunedUNet2DModel
 from diffusers_gfprune.plotting import plot_pruning_run
@@ -394,7 +395,7 @@ def main(argv=None):
         comparison = _evaluate(args, teacher, unet, noise_scheduler, dataset, data_config)
         pruned_stats = model_counts(unet, sample_size)
         summary = {
-            "teacher": source.path,
+            "teacher": public_name(source.path, not os.path.isdir(source.path)),
             "criterion": args.criterion,
             "criterion_config": config_dict(criterion),
             "layout": args.layout,
@@ -411,7 +412,7 @@ def main(argv=None):
             "pruning_criterion_seconds": pruning_seconds,
             "pruning_stage_seconds": state["seconds"]["pruning"],
             "finetune_seconds": state["seconds"]["finetune"],
-            "evaluation": comparison.as_dict() if comparison else None,
+            "evaluation": scrub_local_paths(comparison.as_dict(), _local_paths(args, source)) if comparison else None,
         }
         pruning_info = None
         if args.layout == "per-layer":  # published as the pipeline variant, which records what was pruned
@@ -463,7 +464,8 @@ def write_model_card(args, source, data_config, config, summary, comparison=None
     from diffusers_gfprune.hub import CardInfo, make_model_card
 
     on_hub = not os.path.isdir(source.path)
-    dataset = args.dataset_name or args.train_data_dir
+    dataset_on_hub = bool(args.dataset_name) and "/" in args.dataset_name and not os.path.exists(args.dataset_name)
+    dataset = public_name(args.dataset_name or args.train_data_dir, dataset_on_hub)
     target = (f"{args.target_macs:.0%} of the dense MACs (unit sparsity {args.target_sparsity:.4g})"
               if args.target_macs is not None else f"unit sparsity {args.target_sparsity:.4g}")
     hyper = {k: getattr(args, k) for k in ("train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler",
@@ -471,11 +473,11 @@ def write_model_card(args, source, data_config, config, summary, comparison=None
                                           "score_batches", "score_ema", "hvp")}
     info = CardInfo(
         repo_name=os.path.basename(os.path.normpath(args.hub_model_id or args.output_dir)),
-        repo_id=args.hub_model_id or os.path.normpath(args.output_dir),
-        base_model=source.path if on_hub else os.path.basename(os.path.normpath(source.path)),
+        repo_id=args.hub_model_id or public_name(args.output_dir, False),
+        base_model=public_name(source.path, on_hub),
         base_model_on_hub=on_hub,
         dataset=dataset,
-        dataset_on_hub=bool(args.dataset_name) and "/" in args.dataset_name and not os.path.exists(args.dataset_name),
+        dataset_on_hub=dataset_on_hub,
         criterion=args.criterion,
         layout=args.layout,
         target_description=target,
@@ -493,10 +495,18 @@ def write_model_card(args, source, data_config, config, summary, comparison=None
         extra_images=[("pruning_curves.png", "Loss, sparsity s_t and mask value p_t per step; dotted: end of the soft phase, dashed: export")],
         time_reembedding_error=summary["time_reembedding_error"],
         grid_sampler=f"DDIM, {args.num_inference_steps} steps, eta 0",
+        local_paths=_local_paths(args, source),
     )
     path = os.path.join(args.output_dir, "README.md")
     make_model_card(info).save(f"{path}.tmp")
     os.replace(f"{path}.tmp", path)
+
+
+def _local_paths(args, source):
+    """The run's machine-local folders, which published files name by base name only."""
+    paths = [args.train_data_dir, args.output_dir, args.cache_dir, args.inception_weights]
+    paths += [p for p in (source.path, args.dataset_name) if p and os.path.exists(p)]
+    return [p for p in paths if p]
 
 
 def _save_masks(masks, units, args, path):
