@@ -60,6 +60,20 @@ class UnitSet:
 
     families: List[UnitFamily]
     group_norms: Dict[str, Tuple[int, int]]  # GroupNorm name -> dense (num_groups, num_channels)
+    macs_source: Optional[object] = field(default=None, repr=False, compare=False)  # (model, sample_size)
+    _unit_macs: Optional[object] = field(default=None, repr=False, compare=False)
+
+    def unit_macs(self):
+        """The :class:`~diffusers_gfprune.unit_macs.UnitMacs` of the model these units were found on (built once)."""
+        if self._unit_macs is None:
+            if self.macs_source is None:
+                raise ValueError("These units were not found by find_units on a model; MACs of a selection are unknown.")
+            from .unit_macs import UnitMacs
+
+            model, sample_size = self.macs_source
+            self._unit_macs = UnitMacs(model, self, sample_size)
+            self.macs_source = None  # do not keep the model alive
+        return self._unit_macs
 
     def __iter__(self):
         return iter(self.families)
@@ -286,7 +300,9 @@ def find_units(model, sample_size: Optional[int] = None) -> UnitSet:
         raise RuntimeError("No prunable channels were found in this model; please report its config.")
     families.sort(key=lambda f: _module_order(model, f.name))
     _check_unique_names(families)
-    return UnitSet(families=families, group_norms=group_norms)
+    units = UnitSet(families=families, group_norms=group_norms)
+    units.macs_source = (model, sample_size)
+    return units
 
 
 def _layer_size(module: nn.Module, dim: str) -> int:

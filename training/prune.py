@@ -35,6 +35,7 @@ from diffusers_gfprune.criteria import CRITERIA, config_dict, get_criterion
 from diffusers_gfprune.modeling_pruned_unet import PrunedUNet2DModel
 from diffusers_gfprune.plotting import plot_pruning_run
 from diffusers_gfprune.pruner import GradientFlowPruner, PrunerConfig
+from diffusers_gfprune.selection import check_macs_target
 from diffusers_gfprune.sampling import comparison_grid, sample_images
 from diffusers_gfprune.teacher import load_teacher, resolve_teacher
 from diffusers_gfprune.units import find_units
@@ -115,6 +116,7 @@ def pruning_config(args) -> PrunerConfig:
         score_ema=args.score_ema,
         reactivation_fraction=args.reactivation_fraction,
         round_to=args.round_to,
+        target_macs=args.target_macs if args.layout == "per-layer" else None,
     )
 
 
@@ -177,6 +179,8 @@ def validate(args):
         args.target_sparsity, _ = export.sparsity_for_macs(_meta_model(source.unet_config), units, args.target_macs, round_to)
     if args.layout == "stock":
         export.stock_keep_ratio(units, args.target_sparsity, args.round_to)  # a clear error if the layout cannot meet it
+    elif args.target_macs is not None:  # per-layer: the selection meets the MACs target itself; refuse what floors forbid
+        check_macs_target(units, args.target_macs, args.min_keep_fraction)
     pruning_config(args)  # phase lengths
     training.resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)  # a missing checkpoint folder
     # Image data sets reveal their channel count only when loaded (their first image); the data set is kept for main.
@@ -401,6 +405,9 @@ def main(argv=None):
             "layout": args.layout,
             "target_sparsity": args.target_sparsity,
             "target_macs": args.target_macs,
+            "achieved_macs": pruned_stats["macs"] / dense_stats["macs"],
+            "unit_sparsity": (None if state["masks"] is None else  # the units removed, whatever the target was
+                              1 - sum(float(m.sum()) for m in state["masks"].values()) / sum(m.numel() for m in state["masks"].values())),
             "pruner": {k: getattr(config, k) for k in config.__dataclass_fields__},
             "time_reembedding_error": reembedding.embedding_relative_error if reembedding else None,
             "dense": dense_stats,
@@ -419,7 +426,7 @@ def main(argv=None):
             pruning_info = {
                 "base_model": source.path if not os.path.isdir(source.path) else os.path.basename(os.path.normpath(source.path)),
                 "criterion": args.criterion, "sparsity": float(args.target_sparsity), "layout": args.layout,
-                "target_macs": args.target_macs,
+                "target_macs": args.target_macs, "achieved_macs": summary["achieved_macs"],
                 "params": {"dense": summary["dense"]["params"], "pruned": pruned_stats["params"]},
                 "macs": {"dense": summary["dense"]["macs"], "pruned": pruned_stats["macs"]},
                 "metrics": {m.key: m.value for m in comparison.metrics} if comparison else {},
@@ -466,8 +473,9 @@ def write_model_card(args, source, data_config, config, summary, comparison=None
     on_hub = not os.path.isdir(source.path)
     dataset_on_hub = bool(args.dataset_name) and "/" in args.dataset_name and not os.path.exists(args.dataset_name)
     dataset = public_name(args.dataset_name or args.train_data_dir, dataset_on_hub)
-    target = (f"{args.target_macs:.0%} of the dense MACs (unit sparsity {args.target_sparsity:.4g})"
-              if args.target_macs is not None else f"unit sparsity {args.target_sparsity:.4g}")
+    achieved = f"; reached {summary['achieved_macs']:.1%} of the dense MACs"
+    target = (f"{args.target_macs:.0%} of the dense MACs{achieved}" if args.target_macs is not None
+              else f"unit sparsity {args.target_sparsity:.4g}{achieved}")
     hyper = {k: getattr(args, k) for k in ("train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler",
                                           "lr_warmup_steps", "max_train_steps", "use_ema", "ema_max_decay", "seed", "mixed_precision",
                                           "score_batches", "score_ema", "hvp")}
@@ -481,7 +489,7 @@ def write_model_card(args, source, data_config, config, summary, comparison=None
         criterion=args.criterion,
         layout=args.layout,
         target_description=target,
-        sparsity=args.target_sparsity,
+        sparsity=summary["unit_sparsity"] if summary.get("unit_sparsity") is not None else args.target_sparsity,
         params_dense=summary["dense"]["params"], params_pruned=summary["pruned"]["params"],
         macs_dense=summary["dense"]["macs"], macs_pruned=summary["pruned"]["macs"],
         macs_dense_noattn=summary["dense"]["macs_without_attention"], macs_pruned_noattn=summary["pruned"]["macs_without_attention"],
