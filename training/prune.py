@@ -30,13 +30,13 @@ from tqdm.auto import tqdm
 
 from diffusers_gfprune import data, evaluation, export, training
 from diffusers_gfprune.counting import count_parameters, model_counts
-from diffusers_gfprune.hub import public_name, scrub_local_paths
 from diffusers_gfprune.criteria import CRITERIA, config_dict, get_criterion
+from diffusers_gfprune.hub import public_name, scrub_local_paths
 from diffusers_gfprune.modeling_pruned_unet import PrunedUNet2DModel
 from diffusers_gfprune.plotting import plot_pruning_run
 from diffusers_gfprune.pruner import GradientFlowPruner, PrunerConfig
-from diffusers_gfprune.selection import check_macs_target
 from diffusers_gfprune.sampling import comparison_grid, sample_images
+from diffusers_gfprune.selection import check_macs_target
 from diffusers_gfprune.teacher import load_teacher, resolve_teacher
 from diffusers_gfprune.units import find_units
 
@@ -425,7 +425,8 @@ def main(argv=None):
         if args.layout == "per-layer":  # published as the pipeline variant, which records what was pruned
             pruning_info = {
                 "base_model": source.path if not os.path.isdir(source.path) else os.path.basename(os.path.normpath(source.path)),
-                "criterion": args.criterion, "sparsity": float(args.target_sparsity), "layout": args.layout,
+                "criterion": args.criterion, "layout": args.layout,
+                "sparsity": float(summary["unit_sparsity"] if summary["unit_sparsity"] is not None else args.target_sparsity),
                 "target_macs": args.target_macs, "achieved_macs": summary["achieved_macs"],
                 "params": {"dense": summary["dense"]["params"], "pruned": pruned_stats["params"]},
                 "macs": {"dense": summary["dense"]["macs"], "pruned": pruned_stats["macs"]},
