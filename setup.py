@@ -1,8 +1,10 @@
 """Install diffusers-gfprune into an existing environment.
 
 ``install_requires`` declares compatible ranges, as diffusers, peft and accelerate do: installing this library
-keeps the user's torch, numpy, ... when they lie in the range. The lower bounds are tested (CI installs them with
-``uv pip install --resolution lowest-direct`` and runs a fast subset of the tests); the exact known-good set the
+keeps the user's torch, numpy, ... when they lie in the range. The lower bounds are tested: ``.ci/lower_bounds``
+installs torch 2.13.0 / torchvision 0.28.0 and every other direct dependency at its lowest allowed version
+(``uv pip install --resolution lowest-direct``; these bounds are what that resolution installs) and runs a fast
+subset of the tests; the exact known-good set the
 whole suite runs with is ``constraints.txt`` (``pip install -e ".[test]" -c constraints.txt``).
 torch-fidelity needs torchvision, and a torchvision built for another torch breaks ``import diffusers``: keep the
 torchvision that matches your torch (torchvision pins its torch exactly, so pip keeps the pair consistent).
@@ -13,20 +15,20 @@ from setuptools import find_packages, setup
 INSTALL_REQUIRES = [
     "torch>=2.13,<3",
     "torchvision>=0.28",
-    "diffusers>=0.40,<1",
+    "diffusers>=0.42,<1",
     "torch-pruning>=1.6,<2",
     "torch-fidelity>=0.4,<0.5",
     "accelerate>=1.10,<2",
     "huggingface_hub>=2.0,<3",
-    "datasets>=5.0,<6",
-    "safetensors>=0.5",
+    "datasets>=5.1,<6",
+    "safetensors>=0.8",
     "scikit-learn>=1.5",
     "scipy>=1.13",
     "numpy>=2.0,<3",
     "torchmetrics>=1.6",
     "matplotlib>=3.9",
-    "pillow>=10.4",
-    "tqdm>=4.66",
+    "pillow>=13.0",
+    "tqdm>=4.66.3",
     "tensorboard>=2.17",  # the scripts' default tracker (--report_to tensorboard), as in diffusers' examples
 ]
 
