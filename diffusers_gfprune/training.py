@@ -24,6 +24,10 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 REPO_ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 
 
+# Machine-local facts of a run (its teacher folder) that published files leave out; hidden, so never pushed.
+LOCAL_PATHS_FILE = ".local_paths.json"
+
+
 def portable_path(path: Optional[str], root: str = REPO_ROOT) -> Optional[str]:
     """``path`` as it may be recorded in a committed or published file: no machine-local folders, no user name.
 

@@ -23,6 +23,7 @@ from diffusers_gfprune.selection import masks_from_pruned, select
 from diffusers_gfprune.units import check_unet_config, example_class_labels, find_units
 
 from .config_space import CONFIGS, config
+from .conftest import TABLES
 
 TOLERANCE = 1e-4
 SPARSITY = 0.5
@@ -79,7 +80,7 @@ def table(request):
         for layout in LAYOUTS:
             if (name, layout) in TABLE:
                 rows.append(f"{name:<{width}}  {layout:<9}  {TABLE[(name, layout)]}")
-    request.config.stash.setdefault("gfprune_tables", []).append("\n".join(rows))
+    request.config.stash.setdefault(TABLES, []).append("\n".join(rows))
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

@@ -132,8 +132,18 @@ def _unet_config(resolved) -> dict:
 
 
 def _default_teacher(path: str):
-    summary = os.path.join(path, "pruning_summary.json") if os.path.isdir(path) else None
-    if summary and os.path.isfile(summary):
+    """The teacher a pruned folder names: a local run's own record of its teacher folder (a hidden file that is
+    never pushed), else pruning_summary.json's teacher (a Hub id, or a local folder's base name only)."""
+    if not os.path.isdir(path):
+        return None
+    local = os.path.join(path, training.LOCAL_PATHS_FILE)
+    if os.path.isfile(local):
+        with open(local, encoding="utf-8") as f:
+            teacher = json.load(f).get("teacher")
+        if teacher and os.path.exists(teacher):
+            return teacher
+    summary = os.path.join(path, "pruning_summary.json")
+    if os.path.isfile(summary):
         with open(summary, encoding="utf-8") as f:
             return json.load(f).get("teacher")
     return None

@@ -436,6 +436,8 @@ def main(argv=None):
         _save_masks(state["masks"], units, args, os.path.join(args.output_dir, "pruning_masks.safetensors"))
         summary["wall_seconds"] = time.time() - started
         training.write_json(summary, os.path.join(args.output_dir, "pruning_summary.json"))
+        training.write_json({"teacher": os.path.abspath(source.path) if os.path.isdir(source.path) else source.path},
+                            os.path.join(args.output_dir, training.LOCAL_PATHS_FILE))  # for evaluate.py; never pushed
         training.write_json(state["history"], os.path.join(args.output_dir, "pruning_history.json"))
         shown = {k: summary[k] for k in ("dense", "pruned", "final_loss", "wall_seconds")}
         if comparison:
