@@ -1007,7 +1007,7 @@ def main(argv=None) -> dict:
     dtypes = [getattr(torch, d) for d in args.dtypes]
     archs = architectures(args.quick)
     started = time.time()
-    results = {"machine": machine_info(device), "args": {k: v for k, v in vars(args).items()}, "quick": args.quick,
+    results = {"machine": machine_info(device), "args": {k: (training.portable_path(v) if isinstance(v, str) else v) for k, v in vars(args).items()}, "quick": args.quick,
                "models": [], "throughput": [], "overhead": [], "stage_seconds": {}}
 
     def staged(key, fn, *a):

@@ -386,6 +386,36 @@ def _channel_mismatch(data_channels: int, in_channels: int, what: str, mode: Opt
     )
 
 
+def resolve_source(dataset_name: Optional[str], train_data_dir: Optional[str], default: Optional[str]) -> Optional[str]:
+    """The ``dataset_name`` a script should use, given what the user typed and the script's default.
+
+    The rule: the built-in default data set applies only when the user gives no source at all.
+    ``--train_data_dir`` alone means that folder; ``--dataset_name`` alone means that data set;
+    both together are refused (by :func:`validate_data_source`), naming both values. An empty
+    ``--dataset_name ''`` or ``--train_data_dir ''`` is refused here rather than read as "unset"
+    (``--dataset_name ''`` next to a ``--train_data_dir``, the way the default used to be unset, still
+    means that folder).
+
+    Parameters
+    ----------
+    dataset_name, train_data_dir : str or None
+        What the user passed (None when the flag was not given).
+    default : str or None
+        The script's default data set (e.g. ``"digits"``), or None for no default.
+    """
+    if dataset_name is not None and not dataset_name.strip() and train_data_dir:
+        dataset_name = None
+    for flag, value in (("--dataset_name", dataset_name), ("--train_data_dir", train_data_dir)):
+        if value is not None and not str(value).strip():
+            raise ValueError(
+                f"{flag} was given an empty value ({value!r}). Pass a data set name or folder, or leave the flag out "
+                + (f"to use the default data set {default!r}." if default else "and give the other source.")
+            )
+    if dataset_name is None and train_data_dir is None:
+        return default
+    return dataset_name
+
+
 def _source_kind(config: DataConfig) -> str:
     """Check that exactly one source is given; return "digits", "hub" or "imagefolder"."""
     has_name = bool(config.dataset_name)
@@ -398,7 +428,8 @@ def _source_kind(config: DataConfig) -> str:
     if has_name and has_dir:
         raise ValueError(
             f"Both dataset_name={config.dataset_name!r} and train_data_dir={str(config.train_data_dir)!r} "
-            f"are set; give only one of them (unset the other)."
+            f"are set (--dataset_name {config.dataset_name} --train_data_dir {config.train_data_dir}); give only one of "
+            "them: --train_data_dir for a folder of images, --dataset_name for a Hub or built-in data set."
         )
     if has_name:
         if config.dataset_name == photos.DATASET_NAME:

@@ -47,6 +47,34 @@ class TimeReembedding:
     embedding_relative_error: float  # ||emb' - emb|| / ||emb|| over all training timesteps
 
 
+def check_layout(config, layout: str) -> None:
+    """Refuse, before any work, a layout that cannot hold this ``UNet2DModel`` config.
+
+    The stock config ties the time sinusoid to ``block_out_channels[0]``, so the stock layout narrows
+    the positional sinusoid (:func:`reembed_time`); a Fourier or learned time embedding, or a
+    ``class_embed_type="timestep"`` that embeds the labels with the same sinusoid, cannot be narrowed
+    that way. The per-layer layout keeps the sinusoid and holds all of them.
+    """
+    from .units import check_unet_config
+
+    if layout not in LAYOUTS:
+        raise ValueError(f"Unknown layout {layout!r}; choose one of {LAYOUTS}.")
+    check_unet_config(config)
+    if layout != "stock":
+        return
+    get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
+    if get("time_embedding_type", "positional") != "positional":
+        raise ValueError(
+            "The stock layout re-embeds the positional time sinusoid at the pruned width; this model uses "
+            f"time_embedding_type={get('time_embedding_type')!r}. Use layout='per-layer'."
+        )
+    if get("class_embed_type") == "timestep":
+        raise ValueError(
+            "The stock layout narrows the time sinusoid, which class_embed_type='timestep' also embeds the class "
+            "labels with; this model cannot be exported in the stock layout. Use layout='per-layer'."
+        )
+
+
 def reembed_time(
     model, num_channels: int, num_train_timesteps: int = 1000, refine_steps: int = 500, learning_rate: float = 1e-3
 ) -> TimeReembedding:
@@ -74,11 +102,7 @@ def reembed_time(
     from diffusers.models.embeddings import Timesteps
 
     _check_unet(model)
-    if model.config.time_embedding_type != "positional":
-        raise ValueError(
-            "The stock layout re-embeds the positional time sinusoid; this model uses "
-            f"time_embedding_type={model.config.time_embedding_type!r}. Use layout='per-layer'."
-        )
+    check_layout(model.config, "stock")
     old_proj = model.time_proj
     linear_1 = model.time_embedding.linear_1
     if num_channels == old_proj.num_channels:
@@ -312,7 +336,9 @@ def export_model(model, units: UnitSet, masks, layout: str = "stock"):
         module_name, _, param = key.rpartition(".")
         out_keep = kept_index.get((module_name, OUT))
         in_keep = kept_index.get((module_name, IN))
-        if out_keep is not None and tensor.dim() >= 1:
+        if out_keep is not None and isinstance(modules[module_name], nn.Embedding):
+            tensor = tensor.index_select(1, out_keep.to(tensor.device))  # (num_embeddings, embedding_dim)
+        elif out_keep is not None and tensor.dim() >= 1:
             tensor = tensor.index_select(0, out_keep.to(tensor.device))
         if in_keep is not None and param == "weight" and tensor.dim() >= 2:
             tensor = tensor.index_select(1, in_keep.to(tensor.device))
@@ -340,7 +366,7 @@ def export_model(model, units: UnitSet, masks, layout: str = "stock"):
 
         config = {k: v for k, v in model.config.items() if not k.startswith("_")}
         config.pop("pruned_widths", None)
-        if model.time_proj.num_channels != model.config.block_out_channels[0]:
+        if getattr(model.time_proj, "num_channels", model.config.block_out_channels[0]) != model.config.block_out_channels[0]:
             widths["time_proj"] = {"num_channels": model.time_proj.num_channels}
             linear_1 = model.time_embedding.linear_1
             entry = widths.setdefault("time_embedding.linear_1", {})
@@ -356,11 +382,9 @@ def export_model(model, units: UnitSet, masks, layout: str = "stock"):
 
 
 def _size(module: nn.Module, dim: str) -> int:
-    if isinstance(module, nn.Conv2d):
-        return module.out_channels if dim == OUT else module.in_channels
-    if isinstance(module, nn.Linear):
-        return module.out_features if dim == OUT else module.in_features
-    return module.num_channels
+    from .units import _layer_size
+
+    return _layer_size(module, dim)
 
 
 def _attention_shape(module, q_keep: Optional[torch.Tensor]) -> Tuple[int, int]:
@@ -394,9 +418,20 @@ def _layer_widths(modules, kept_index, units: UnitSet) -> Dict[str, Dict[str, in
         elif isinstance(module, ResnetBlock2D):
             new = {"in_channels": kept(f"{name}.conv1", IN, module.in_channels), "out_channels": kept(f"{name}.conv2", OUT, module.out_channels)}
             old = {"in_channels": module.in_channels, "out_channels": module.out_channels}
-        elif isinstance(module, (Downsample2D, Upsample2D)) and module.conv is not None:
-            conv = module.conv
-            new = {"channels": kept(_conv_name(name, module), IN, conv.in_channels)}
+        elif isinstance(module, nn.Embedding):
+            new = {"num_embeddings": module.num_embeddings, "embedding_dim": kept(name, OUT, module.embedding_dim)}
+            old = {"num_embeddings": module.num_embeddings, "embedding_dim": module.embedding_dim}
+        elif isinstance(module, (Downsample2D, Upsample2D)):
+            if isinstance(module.conv, nn.Conv2d):
+                channels = kept(_conv_name(name, module), IN, module.conv.in_channels)
+            else:
+                # No conv (average pooling or interpolation inside a ResNet block with down/up=True): it resamples
+                # the block's input, whose width the block's first GroupNorm holds.
+                parent = name.rpartition(".")[0]
+                if not isinstance(modules.get(parent), ResnetBlock2D):
+                    raise ValueError(f"Cannot tell the width of {name} ({type(module).__name__} without a conv).")
+                channels = kept(f"{parent}.norm1", OUT, module.channels)
+            new = {"channels": channels}
             old = {"channels": module.channels}
         else:
             continue

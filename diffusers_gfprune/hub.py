@@ -9,9 +9,10 @@ huggingface_hub and nowhere else: never printed, logged or written.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .evaluation import Metric  # noqa: F401  (a card row; defined with the measurements)
 
@@ -67,6 +68,7 @@ class CardInfo:
     grid_path: str = "teacher_vs_pruned.png"
     grid_sampler: str = "DDIM, 100 steps, eta 0"
     repo_id: Optional[str] = None
+    local_paths: List[str] = field(default_factory=list)  # the run's folders, named by base name only in the card
 
 
 def _human(n: float) -> str:
@@ -100,6 +102,61 @@ def loading_note(layout: str) -> str:
         "diffusers only) that rebuilds those widths. Read it before you trust it; with `diffusers-gfprune` installed "
         "you can also load it with `PrunedUNet2DModel.from_pretrained(repo, subfolder=\"unet\")`."
     )
+
+
+def public_name(name_or_path: str, on_hub: bool) -> str:
+    """How a card names a teacher or a data set: the Hub id as the user typed it, else the folder's base name."""
+    if on_hub:
+        return name_or_path
+    return os.path.basename(os.path.normpath(os.fspath(name_or_path))) or os.fspath(name_or_path)
+
+
+def scrub_local_paths(value, paths: Sequence[Optional[str]] = ()):
+    """``value`` (text, or a JSON-like structure of texts) with no machine-local path or user name left in it.
+
+    Each of ``paths`` (the run's teacher, data, output and cache folders) becomes its base name, in the form
+    given and as an absolute path; the home folder becomes ``~``; any other absolute path keeps only its last
+    component (``.../name``); the user name left in any other path becomes ``<user>``. Published files (the card, ``pruning_summary.json``) go through this.
+    """
+    if isinstance(value, dict):
+        return {k: scrub_local_paths(v, paths) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(scrub_local_paths(v, paths) for v in value)
+    if not isinstance(value, str):
+        return value
+    forms = []
+    for path in paths:
+        if not path:
+            continue
+        path = os.fspath(path)
+        for form in {path.rstrip(os.sep), os.path.abspath(os.path.expanduser(path)), os.path.realpath(os.path.expanduser(path))}:
+            if os.path.isabs(form) or form.startswith("~"):
+                forms.append((form, os.path.basename(os.path.normpath(form))))
+    text = value
+    for form, base in sorted(forms, key=lambda f: -len(f[0])):  # longest first: a folder inside another
+        text = text.replace(form, base)
+    home = os.path.expanduser("~")
+    if home and home not in ("/", "~"):
+        text = re.sub(re.escape(home.rstrip(os.sep)) + r"(?=[/\\]|\b)", "~", text)
+    # Any other absolute path (a cache folder, a temporary folder): only its last component is kept.
+    text = _ABSOLUTE_PATH.sub(lambda m: ".../" + m.group(0).rstrip("/").rsplit("/", 1)[-1], text)
+    user = _user_name()
+    if user:
+        text = re.sub(r"(?<=[/\\])" + re.escape(user) + r"(?=[/\\])", "<user>", text)
+    return text
+
+
+# Two or more components after a leading slash that does not continue a URL, a word or a relative path.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~<>-])/(?:[\w.@+-]+/)+[\w.@+-]+")
+
+
+def _user_name() -> Optional[str]:
+    try:
+        import getpass
+
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no user name known: nothing to scrub
+        return None
 
 
 def make_model_card(info: CardInfo):
@@ -149,7 +206,7 @@ def make_model_card(info: CardInfo):
         if info.time_reembedding_error is not None
         else ""
     )
-    return ModelCard.from_template(
+    card = ModelCard.from_template(
         card_data,
         template_path=template_path(),
         model_name=info.repo_name,
@@ -185,6 +242,8 @@ def make_model_card(info: CardInfo):
         reembedding_line=reembedding_line,
         hyperparameters=hyper or "-",
     )
+    card.content = scrub_local_paths(card.content, info.local_paths)
+    return card
 
 
 def check_folder_complete(folder: str) -> None:

@@ -118,7 +118,7 @@ class UnitMasks:
             mask = self._channel_mask(name, output.dtype)
             if output.dim() == 4:
                 return output * mask.view(1, -1, 1, 1)
-            return output * mask  # Linear: channels are the last dimension
+            return output * mask  # Linear, Embedding: channels are the last dimension
 
         return hook
 
@@ -198,6 +198,8 @@ def _out_size(module: nn.Module) -> int:
         return module.out_channels
     if isinstance(module, nn.Linear):
         return module.out_features
+    if isinstance(module, nn.Embedding):
+        return module.embedding_dim
     return module.num_channels
 
 

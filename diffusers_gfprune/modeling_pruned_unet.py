@@ -61,6 +61,12 @@ def _resize_linear(m: nn.Linear, in_features: int, out_features: int) -> nn.Line
     return nn.Linear(in_features, out_features, bias=m.bias is not None, **_factory_kwargs(m))
 
 
+def _resize_embedding(m: nn.Embedding, num_embeddings: int, embedding_dim: int) -> nn.Embedding:
+    return nn.Embedding(num_embeddings, embedding_dim, padding_idx=m.padding_idx, max_norm=m.max_norm,
+                        norm_type=m.norm_type, scale_grad_by_freq=m.scale_grad_by_freq, sparse=m.sparse,
+                        **_factory_kwargs(m))
+
+
 def _resize_group_norm(m: nn.GroupNorm, num_groups: int, num_channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups, num_channels, eps=m.eps, affine=m.affine, **_factory_kwargs(m))
 
@@ -95,6 +101,7 @@ _RESIZERS = {
     nn.Conv2d: (_resize_conv, {"in_channels", "out_channels"}, set()),
     nn.Linear: (_resize_linear, {"in_features", "out_features"}, set()),
     nn.GroupNorm: (_resize_group_norm, {"num_groups", "num_channels"}, set()),
+    nn.Embedding: (_resize_embedding, {"num_embeddings", "embedding_dim"}, set()),
     Attention: (_resize_attention, {"heads", "dim_head"}, set()),
     Timesteps: (_resize_timesteps, {"num_channels"}, set()),
     Downsample2D: (_resize_sampler, {"channels"}, {"out_channels"}),
@@ -129,6 +136,7 @@ class PrunedUNet2DModel(UNet2DModel):
         - `nn.Conv2d`: `{"in_channels", "out_channels"}`
         - `nn.Linear`: `{"in_features", "out_features"}`
         - `nn.GroupNorm`: `{"num_groups", "num_channels"}`
+        - `nn.Embedding`: `{"num_embeddings", "embedding_dim"}` (a class embedding, a learned time embedding)
         - `Attention`: `{"heads", "dim_head"}` (its `to_q`/`to_k`/`to_v`/`to_out.0`/`group_norm` are listed
           separately as `nn.Linear`/`nn.GroupNorm`)
         - `Timesteps`: `{"num_channels"}`

@@ -82,6 +82,12 @@ class PrunerConfig:
                           "target sparsity whose widths are already multiples (export.stock_sparsities(units, round_to))."},
     )
 
+    target_macs: Optional[float] = field(
+        default=None,
+        metadata={"help": "Global selection: prune until the MACs are this fraction of the dense MACs (the selection at "
+                          "target_sparsity meets it exactly, earlier ones in proportion); None = count units."},
+    )
+
     def __post_init__(self):
         if not isinstance(self.target_sparsity, (int, float)) or not 0 <= self.target_sparsity < 1:
             raise ValueError(f"target_sparsity must lie in [0, 1), got {self.target_sparsity!r}.")
@@ -217,7 +223,7 @@ class GradientFlowPruner:
             self._rescore(losses, phase)
             proposal = select(
                 self.scores, self.units, self.sparsity_at(step), self.config.selection, self.config.min_keep_fraction,
-                self.config.round_to,
+                self.config.round_to, self.config.target_macs, self.config.target_sparsity,
             )
             previous = self.pruned
             self.pruned = proposal if self.config.process == "one-shot" else self._evolve(previous, proposal, phase)

@@ -89,6 +89,96 @@ def select_global(
     return pruned
 
 
+def _global_order(scores, units: UnitSet, min_keep_fraction: float):
+    """Units in the order global selection prunes them (lowest score first), floors respected: (family, position)."""
+    floors = keep_floors(units, min_keep_fraction)
+    names, values, positions = [], [], []
+    for family in units:
+        names.extend([family.name] * family.num_units)
+        values.append(scores[family.name].double().cpu())
+        positions.extend(range(family.num_units))
+    left = {f.name: f.num_units - floors[f.name] for f in units}
+    order = []
+    for i in torch.sort(torch.cat(values), stable=True).indices.tolist():
+        if left[names[i]] > 0:
+            order.append((names[i], positions[i]))
+            left[names[i]] -= 1
+    return order
+
+
+def min_macs_fraction(unit_macs, units: UnitSet, min_keep_fraction: float = 0.1) -> float:
+    """The smallest fraction of the dense MACs global selection can reach: every family at its floor."""
+    scores = {f.name: torch.zeros(f.num_units) for f in units}
+    pruned = {f.name: torch.zeros(f.num_units, dtype=torch.bool) for f in units}
+    for name, position in _global_order(scores, units, min_keep_fraction):
+        pruned[name][position] = True
+    return unit_macs.fraction(pruned)
+
+
+def select_global_macs(
+    scores: Dict[str, torch.Tensor], units: UnitSet, macs_fraction: float, unit_macs, min_keep_fraction: float = 0.1
+) -> Dict[str, torch.Tensor]:
+    """Boolean "pruned" flags: the lowest-scoring units of all families, as few as bring the MACs to ``macs_fraction``.
+
+    The ranking and the floors are those of :func:`select_global`; instead of a unit count, units are pruned
+    in that order until the model's MACs (``unit_macs``, a :class:`~diffusers_gfprune.unit_macs.UnitMacs`)
+    are at most ``macs_fraction`` of the dense MACs. The MACs fall with every pruned unit, so the shortest
+    such prefix of the ranking is found by bisection.
+    """
+    if not 0 < macs_fraction <= 1:
+        raise ValueError(f"A MACs target is a fraction of the dense MACs in (0, 1], got {macs_fraction!r}.")
+    order = _global_order(scores, units, min_keep_fraction)
+    index = [unit_macs.offsets[name] + position for name, position in order]
+
+    def macs_after(k: int) -> float:
+        flat = torch.zeros(unit_macs.num_units, dtype=torch.float64)
+        flat[index[:k]] = 1.0
+        return unit_macs.macs_of_flat(flat)
+
+    budget = macs_fraction * unit_macs.dense
+    if macs_after(len(order)) > budget * (1 + 1e-12):
+        reachable = macs_after(len(order)) / unit_macs.dense
+        raise ValueError(
+            f"Cannot reach {macs_fraction:.4g} of the dense MACs with global selection while every family keeps "
+            f"{min_keep_fraction:.0%} of its units: the floors alone leave {reachable:.4g}. Raise the MACs target "
+            "or lower min_keep_fraction."
+        )
+    lo, hi = 0, len(order)  # macs_after(hi) <= budget
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if macs_after(mid) <= budget * (1 + 1e-12):
+            hi = mid
+        else:
+            lo = mid + 1
+    pruned = {f.name: torch.zeros(f.num_units, dtype=torch.bool) for f in units}
+    for name, position in order[:lo]:
+        pruned[name][position] = True
+    return pruned
+
+
+def check_macs_target(units: UnitSet, target_macs: float, min_keep_fraction: float = 0.1) -> float:
+    """Refuse, before any work, a MACs target that global selection cannot reach; return the floor's fraction."""
+    floor = min_macs_fraction(units.unit_macs(), units, min_keep_fraction)
+    if target_macs < floor:
+        raise ValueError(
+            f"--target_macs {target_macs:.4g} cannot be reached in the per-layer layout: with every family keeping "
+            f"{min_keep_fraction:.0%} of its units (--min_keep_fraction), the smallest model has {floor:.4g} of the "
+            "dense MACs. Give a target of at least that, or lower --min_keep_fraction."
+        )
+    return floor
+
+
+def macs_budget(target_macs: float, sparsity: float, final_sparsity: float) -> float:
+    """The MACs fraction a selection at ``sparsity`` aims for when the run ends at ``target_macs``.
+
+    The pruner's sparsity schedule runs from 0 to ``final_sparsity``; the MACs budget follows it
+    linearly from 1 (nothing pruned) to ``target_macs``.
+    """
+    if final_sparsity <= 0:
+        return 1.0
+    return 1.0 - (1.0 - target_macs) * min(1.0, sparsity / final_sparsity)
+
+
 def check_round_to(round_to: int) -> None:
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
         raise ValueError(f"round_to must be an integer >= 1 (a channel multiple, e.g. 8 or 32), got {round_to!r}.")
@@ -169,10 +259,16 @@ def round_widths(
 
 
 def select(
-    scores, units: UnitSet, sparsity: float, selection: str = "local", min_keep_fraction: float = 0.1, round_to: int = 1
+    scores, units: UnitSet, sparsity: float, selection: str = "local", min_keep_fraction: float = 0.1, round_to: int = 1,
+    target_macs: Optional[float] = None, final_sparsity: Optional[float] = None,
 ):
     """Boolean "pruned" flags per family: :func:`select_local` or :func:`select_global`, then
     :func:`round_widths` when ``round_to > 1``.
+
+    With ``target_macs`` (global selection only), the selection meets a MACs budget instead of a unit count:
+    :func:`select_global_macs` at :func:`macs_budget` ``(target_macs, sparsity, final_sparsity)``, so that the
+    selection at ``sparsity == final_sparsity`` keeps ``target_macs`` of the dense MACs. The MACs come from
+    ``units.unit_macs`` (set by :func:`diffusers_gfprune.units.find_units`).
 
     With ``selection="local"`` and the stock layout, rounding family by family would break the
     common keep ratio; pick a stock sparsity whose widths are already multiples instead
@@ -180,8 +276,13 @@ def select(
     no-op.
     """
     check_round_to(round_to)
+    if target_macs is not None and selection != "global":
+        raise ValueError("A MACs target in the selection needs selection='global'; local selection keeps one ratio.")
     if selection == "local":
         pruned = select_local(scores, units, sparsity)
+    elif selection == "global" and target_macs is not None:
+        budget = macs_budget(target_macs, sparsity, final_sparsity if final_sparsity is not None else sparsity)
+        pruned = select_global_macs(scores, units, budget, units.unit_macs(), min_keep_fraction)
     elif selection == "global":
         pruned = select_global(scores, units, sparsity, min_keep_fraction)
     else:

@@ -92,7 +92,12 @@ def _checked(config: dict, where: str) -> dict:
             "prunes unconditional UNet2DModel DDPMs (e.g. google/ddpm-cifar10-32)."
         )
     if config.get("num_class_embeds") is not None or config.get("class_embed_type") is not None:
-        raise ValueError(f"The teacher at {where} is class-conditional; only unconditional UNet2DModel DDPMs are supported.")
+        raise ValueError(
+            f"The teacher at {where} is class-conditional (num_class_embeds / class_embed_type), but the scripts train "
+            "and sample through DDPMPipeline, which passes no class labels. Prune it with the library instead: "
+            "find_units, UnitMasks, GradientFlowPruner and export_model take class-conditional UNet2DModels (pass "
+            "class_labels in your own training loop)."
+        )
     return config
 
 

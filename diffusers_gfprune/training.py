@@ -20,10 +20,56 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
 
+# ---------------------------------------------------------------------- paths that get published
+REPO_ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+
+
+# Machine-local facts of a run (its teacher folder) that published files leave out; hidden, so never pushed.
+LOCAL_PATHS_FILE = ".local_paths.json"
+
+
+def portable_path(path: Optional[str], root: str = REPO_ROOT) -> Optional[str]:
+    """``path`` as it may be recorded in a committed or published file: no machine-local folders, no user name.
+
+    A path inside ``root`` (the repository) becomes relative to it; any other absolute path (or one under the
+    home folder) becomes its base name. Relative paths and Hub ids are kept as they are.
+    """
+    if path is None:
+        return None
+    text = os.fspath(path)
+    expanded = os.path.expanduser(text)
+    if not os.path.isabs(expanded):
+        return text
+    full = os.path.normpath(expanded)
+    if full == root or full.startswith(root + os.sep):
+        return os.path.relpath(full, root)
+    return os.path.basename(full) or full
+
+
+def portable_argv(argv: List[str], root: str = REPO_ROOT) -> List[str]:
+    """A command line with every absolute path made portable (:func:`portable_path`), ``--flag=/path`` included."""
+    out = []
+    for arg in argv:
+        flag, eq, value = arg.partition("=")
+        if eq and flag.startswith("--"):
+            out.append(f"{flag}={portable_path(value, root)}")
+        else:
+            out.append(portable_path(arg, root))
+    return out
+
+
 # ---------------------------------------------------------------------- arguments
 def add_data_arguments(parser: argparse.ArgumentParser, default_dataset: Optional[str] = "digits") -> None:
-    parser.add_argument("--dataset_name", type=str, default=default_dataset,
-                        help="A Hub data set (owner/name), a local data set path, or the built-in 'digits' (scikit-learn's 8x8 digits, offline).")
+    """The data flags of diffusers' example scripts.
+
+    ``default_dataset`` applies only when neither ``--dataset_name`` nor ``--train_data_dir`` is given;
+    call :func:`resolve_data_arguments` on the parsed namespace to apply it.
+    """
+    default_help = f" Default, when no source is given: {default_dataset!r}." if default_dataset else ""
+    parser.add_argument("--dataset_name", type=str, default=None,
+                        help="A Hub data set (owner/name), a local data set path, or the built-in 'digits' (scikit-learn's "
+                             "8x8 digits, offline)." + default_help)
+    parser.set_defaults(default_dataset_name=default_dataset)
     parser.add_argument("--dataset_config_name", type=str, default=None, help="The data set's config name, if it has several.")
     parser.add_argument("--train_data_dir", type=str, default=None,
                         help="A folder of images (loaded as an 'imagefolder' data set); use instead of --dataset_name.")
@@ -35,6 +81,14 @@ def add_data_arguments(parser: argparse.ArgumentParser, default_dataset: Optiona
     parser.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random.")
     parser.add_argument("--max_train_samples", type=int, default=None, help="Use only this many training images (debugging).")
     parser.add_argument("--dataloader_num_workers", type=int, default=0, help="Data loader worker processes.")
+
+
+def resolve_data_arguments(args: argparse.Namespace) -> argparse.Namespace:
+    """Apply the default data set of :func:`add_data_arguments`, only when the user gave no source."""
+    from .data import resolve_source
+
+    args.dataset_name = resolve_source(args.dataset_name, args.train_data_dir, getattr(args, "default_dataset_name", None))
+    return args
 
 
 def add_training_arguments(parser: argparse.ArgumentParser, defaults: Optional[dict] = None) -> None:

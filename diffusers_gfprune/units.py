@@ -60,6 +60,20 @@ class UnitSet:
 
     families: List[UnitFamily]
     group_norms: Dict[str, Tuple[int, int]]  # GroupNorm name -> dense (num_groups, num_channels)
+    macs_source: Optional[object] = field(default=None, repr=False, compare=False)  # (model, sample_size)
+    _unit_macs: Optional[object] = field(default=None, repr=False, compare=False)
+
+    def unit_macs(self):
+        """The :class:`~diffusers_gfprune.unit_macs.UnitMacs` of the model these units were found on (built once)."""
+        if self._unit_macs is None:
+            if self.macs_source is None:
+                raise ValueError("These units were not found by find_units on a model; MACs of a selection are unknown.")
+            from .unit_macs import UnitMacs
+
+            model, sample_size = self.macs_source
+            self._unit_macs = UnitMacs(model, self, sample_size)
+            self.macs_source = None  # do not keep the model alive
+        return self._unit_macs
 
     def __iter__(self):
         return iter(self.families)
@@ -116,19 +130,66 @@ class _UnionFind:
             self.parent[rb] = ra
 
 
+# Block types whose channel coupling the unit model covers (exactness tested in tests/test_config_space.py).
+SUPPORTED_DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D")
+SUPPORTED_UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D")
+SKIP_BLOCKS = ("SkipDownBlock2D", "AttnSkipDownBlock2D", "SkipUpBlock2D", "AttnSkipUpBlock2D")
+
+
+def check_unet_config(config) -> None:
+    """Refuse, with the reason and what to do instead, a ``UNet2DModel`` config the unit model does not cover.
+
+    Called by :func:`find_units` before any tracing, and usable on a config alone (a Hub teacher's
+    ``config.json``) before any weights are loaded.
+    """
+    get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
+    blocks = list(get("down_block_types", ()) or ()) + list(get("up_block_types", ()) or ())
+    skip = sorted({b for b in blocks if b in SKIP_BLOCKS})
+    if skip:
+        raise ValueError(
+            f"This UNet2DModel uses the skip blocks {skip} (the NCSN++ / score-SDE layout), which diffusers-gfprune "
+            "does not prune: those blocks size their GroupNorms from the width (min(channels // 4, 32) groups) instead "
+            "of norm_num_groups, so a stock model with narrower blocks groups its channels differently from the dense "
+            "one, and they carry a 3-channel image path (FIR resampling, skip_conv) beside the feature stream that the "
+            f"unit model does not trace. Supported down blocks: {list(SUPPORTED_DOWN_BLOCKS)}; up blocks: {list(SUPPORTED_UP_BLOCKS)}."
+        )
+    down = [b for b in get("down_block_types", ()) or () if b not in SUPPORTED_DOWN_BLOCKS]
+    up = [b for b in get("up_block_types", ()) or () if b not in SUPPORTED_UP_BLOCKS]
+    if down or up:
+        raise ValueError(
+            f"This UNet2DModel uses the block types {sorted(set(down + up))}, which diffusers-gfprune does not prune "
+            "(in UNet2DModel they need a cross-attention context or take no time embedding). Supported down blocks: "
+            f"{list(SUPPORTED_DOWN_BLOCKS)}; up blocks: {list(SUPPORTED_UP_BLOCKS)}; mid block: UNetMidBlock2D or None."
+        )
+    if get("mid_block_type", "UNetMidBlock2D") not in ("UNetMidBlock2D", None):
+        raise ValueError(f"mid_block_type={get('mid_block_type')!r} is not supported; use 'UNetMidBlock2D' or None.")
+    if get("class_embed_type") == "identity":
+        raise ValueError(
+            "class_embed_type='identity' adds the caller's class_labels tensor to the time embedding, so its width is "
+            "part of the model's input and the time embedding cannot be pruned. Use num_class_embeds (an embedding "
+            "table) or class_embed_type='timestep', which diffusers-gfprune prunes."
+        )
+    if get("class_embed_type") not in (None, "timestep"):
+        raise ValueError(f"class_embed_type={get('class_embed_type')!r} is not supported; use None, 'timestep' or num_class_embeds.")
+
+
 def _check_unet(model) -> None:
     from diffusers import UNet2DModel
 
     if not isinstance(model, UNet2DModel):
         raise TypeError(
             f"Expected a diffusers UNet2DModel, got {type(model).__name__}. diffusers-gfprune prunes "
-            "unconditional UNet2DModel DDPMs; load one with UNet2DModel.from_pretrained(repo, subfolder='unet')."
+            "UNet2DModel DDPMs; load one with UNet2DModel.from_pretrained(repo, subfolder='unet')."
         )
-    if model.config.num_class_embeds is not None or model.config.class_embed_type is not None:
-        raise ValueError(
-            "Class-conditional UNet2DModel (num_class_embeds / class_embed_type) is not supported; "
-            "prune an unconditional DDPM UNet."
-        )
+    check_unet_config(model.config)
+
+
+def example_class_labels(model, batch: int = 1) -> Optional[torch.Tensor]:
+    """Class labels a forward pass of a class-conditional model needs (None for an unconditional one)."""
+    if model.class_embedding is None:
+        return None
+    device = next(model.parameters()).device
+    return torch.arange(batch, device=device) % (model.config.num_class_embeds or 1)
 
 
 def _example_inputs(model, sample_size: Optional[int]) -> Dict[str, torch.Tensor]:
@@ -138,7 +199,11 @@ def _example_inputs(model, sample_size: Optional[int]) -> Dict[str, torch.Tensor
     param = next(model.parameters())
     sample = torch.randn(1, model.config.in_channels, *size, device=param.device, dtype=param.dtype)
     timestep = torch.tensor([1], device=param.device)
-    return {"sample": sample, "timestep": timestep}
+    inputs = {"sample": sample, "timestep": timestep}
+    labels = example_class_labels(model)
+    if labels is not None:
+        inputs["class_labels"] = labels
+    return inputs
 
 
 def find_units(model, sample_size: Optional[int] = None) -> UnitSet:
@@ -165,7 +230,7 @@ def find_units(model, sample_size: Optional[int] = None) -> UnitSet:
 
     _check_unet(model)
     names = {module: name for name, module in model.named_modules()}
-    param_modules = (nn.Conv2d, nn.Linear, nn.GroupNorm)
+    param_modules = (nn.Conv2d, nn.Linear, nn.GroupNorm, nn.Embedding)
     # Torch-Pruning traces the autograd graph: parameters must require grad while it runs.
     flags = [p.requires_grad for p in model.parameters()]
     try:
@@ -189,7 +254,9 @@ def find_units(model, sample_size: Optional[int] = None) -> UnitSet:
             module = item.dep.target.module
             if not isinstance(module, param_modules) or module not in names:
                 continue
-            dim = OUT if graph.is_out_channel_pruning_fn(item.dep.handler) else IN
+            # An embedding table produces its channels (Torch-Pruning may list it as an input dimension).
+            out = isinstance(module, nn.Embedding) or graph.is_out_channel_pruning_fn(item.dep.handler)
+            dim = OUT if out else IN
             key = (names[module], dim)
             sizes[key] = _layer_size(module, dim)
             for idx, root in zip(item.idxs, item.root_idxs):
@@ -233,7 +300,9 @@ def find_units(model, sample_size: Optional[int] = None) -> UnitSet:
         raise RuntimeError("No prunable channels were found in this model; please report its config.")
     families.sort(key=lambda f: _module_order(model, f.name))
     _check_unique_names(families)
-    return UnitSet(families=families, group_norms=group_norms)
+    units = UnitSet(families=families, group_norms=group_norms)
+    units.macs_source = (model, sample_size)
+    return units
 
 
 def _layer_size(module: nn.Module, dim: str) -> int:
@@ -241,6 +310,8 @@ def _layer_size(module: nn.Module, dim: str) -> int:
         return module.out_channels if dim == OUT else module.in_channels
     if isinstance(module, nn.Linear):
         return module.out_features if dim == OUT else module.in_features
+    if isinstance(module, nn.Embedding):
+        return module.embedding_dim
     return module.num_channels
 
 

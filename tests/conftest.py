@@ -153,3 +153,14 @@ def tiny_teacher(tmp_path_factory):
     bare = root / "bare_unet"
     shutil.copytree(pipeline / "unet", bare)
     return {"pipeline": str(pipeline), "unet": str(bare)}
+
+
+TABLES = pytest.StashKey[list]()  # text tables test modules add with config.stash.setdefault(TABLES, []).append(...)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Tables that test modules register (``config.stash[TABLES]``), shown even without ``-s``."""
+    for table in config.stash.get(TABLES, []):
+        terminalreporter.write_line("")
+        for line in table.splitlines():
+            terminalreporter.write_line(line)

@@ -495,3 +495,52 @@ def test_make_dataloader_refuses_batches_larger_than_the_data(cfg):
 
 def test_module_exposes_digits_constants():
     assert data.DIGITS_NUM_IMAGES == 1797 and data.DIGITS_NUM_TEST == 297
+
+
+# ------------------------------------------------------------------------------------------
+# What the scripts' flags resolve to: the built-in default applies only when no source is given
+# ------------------------------------------------------------------------------------------
+
+# (flags the user typed, expected dataset_name after resolution or None, expected error or None)
+SOURCE_FLAG_CASES = {
+    "nothing: the default": ([], "digits", None),
+    "train_data_dir alone": (["--train_data_dir", "{folder}"], None, None),
+    "dataset_name digits": (["--dataset_name", "digits"], "digits", None),
+    "dataset_name a parquet folder": (["--dataset_name", "{parquet}"], "{parquet}", None),
+    "both given": (["--dataset_name", "digits", "--train_data_dir", "{folder}"], "digits",
+                   r"--dataset_name digits --train_data_dir .*images.*give only one"),
+    "empty dataset_name": (["--dataset_name", ""], None, r"--dataset_name was given an empty value"),
+    "empty train_data_dir": (["--train_data_dir", ""], None, r"--train_data_dir was given an empty value"),
+    "empty dataset_name next to train_data_dir": (["--dataset_name", "", "--train_data_dir", "{folder}"], None, None),
+}
+
+
+@pytest.mark.parametrize("script", ["prune", "train_ddpm", "evaluate"])
+@pytest.mark.parametrize("case", sorted(SOURCE_FLAG_CASES))
+def test_source_flags_of_every_script(script, case, tmp_path):
+    from .conftest import load_script
+
+    folder = tmp_path / "images"
+    save(folder / "a.png", constant(8, 8, 10))
+    parquet = tmp_path / "parquet"
+    parquet.mkdir()
+    datasets.Dataset.from_dict({"image": [Image.fromarray(constant(8, 8, 10))]}).to_parquet(str(parquet / "train.parquet"))
+    flags, expected, error = SOURCE_FLAG_CASES[case]
+    fill = {"folder": str(folder), "parquet": str(parquet)}
+    argv = [f.format(**fill) for f in flags]
+    if script == "evaluate":
+        argv = ["--pretrained_model_name_or_path", str(tmp_path / "pruned")] + argv
+    module = load_script(script)
+    if error is not None and "empty" in case:
+        with pytest.raises(ValueError, match=error):
+            module.parse_args(argv)
+        return
+    args = module.parse_args(argv)
+    assert args.dataset_name == (expected.format(**fill) if expected else None)
+    config = DataConfig(dataset_name=args.dataset_name, train_data_dir=args.train_data_dir, resolution=8,
+                        cache_dir=str(tmp_path / "hf_cache"))
+    if error is not None:
+        with pytest.raises(ValueError, match=error):
+            validate_data_source(config, 1)
+    else:
+        validate_data_source(config, 1)

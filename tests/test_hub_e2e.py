@@ -75,3 +75,54 @@ def test_prune_from_hub_and_push(layout, fake_hub, tiny_teacher, tmp_path):
     assert result["max_abs_diff"] <= 1e-5 * max(1.0, result["ref_max"])
     summary = json.loads((output_dir / "pruning_summary.json").read_text())
     assert result["num_parameters"] == summary["pruned"]["params"] < summary["dense"]["params"]
+
+
+def test_pushed_folder_carries_no_local_path(fake_hub, tiny_teacher, tmp_path, monkeypatch):
+    """A run from a local teacher on a local image folder: nothing pushed names the run's folders or the home folder."""
+    import getpass
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    local = tmp_path / "machine_local_place"
+    teacher = local / "my-teacher"
+    shutil.copytree(tiny_teacher["pipeline"], teacher, ignore=shutil.ignore_patterns("checkpoint-*"))
+    images = local / "my-images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8), "L").save(images / f"{i}.png")
+    # Inception weights are not cached under this torch home: the card lists Inception FID as not computed, and
+    # the reason names the cache folder, which must not be published.
+    monkeypatch.setenv("TORCH_HOME", str(local / "torch_home"))
+    monkeypatch.setenv("DIFFUSERS_GFPRUNE_OFFLINE", "1")
+    output_dir = local / "out"
+    repo_id = "user/tiny-gfp-local"
+    load_script("prune").main([
+        "--pretrained_model_name_or_path", str(teacher), "--train_data_dir", str(images), "--layout", "per-layer",
+        "--output_dir", str(output_dir), "--cache_dir", str(local / "cache"), "--push_to_hub", "--hub_model_id", repo_id,
+        "--hub_token", fake_hub.token, *TINY_PRUNE,
+    ])
+    pushed = fake_hub.list_files(repo_id)
+    assert "README.md" in pushed and "pruning_summary.json" in pushed
+    forbidden = {str(local), str(tmp_path), os.path.expanduser("~"), str(teacher), str(images)}
+    user = getpass.getuser()
+    found = {}
+    for path in pushed:
+        content = fake_hub.read_file(repo_id, path)
+        try:
+            text = content.decode("utf-8")
+        except UnicodeDecodeError:
+            text = content.decode("latin-1")
+        hits = [f for f in forbidden if f in text] + ([f"/{user}/"] if f"/{user}/" in text else [])
+        if hits:
+            found[path] = hits
+    assert not found, f"machine-local paths published: {found}"
+    card = fake_hub.read_file(repo_id, "README.md").decode()
+    # The card names the teacher and the data by their folders' base names, and says why Inception FID is missing.
+    assert "`my-teacher`" in card and "`my-images`" in card
+    not_computed = card.split("Not computed:", 1)[1].split("\n\n", 1)[0]
+    assert "Inception" in not_computed and ".../" in not_computed, not_computed
+    summary = json.loads(fake_hub.read_file(repo_id, "pruning_summary.json"))
+    assert summary["teacher"] == "my-teacher"

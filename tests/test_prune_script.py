@@ -170,6 +170,28 @@ BAD_INPUT_CASES = [
     ("missing_teacher_folder",
      lambda c: ["--pretrained_model_name_or_path", str(c.tmp / "no_such_teacher")],
      r"The teacher folder '.*no_such_teacher' does not exist"),
+    ("teacher_has_ncsnpp_skip_blocks",
+     lambda c: _config_folder(c, "UNet2DModel", sample_size=16, in_channels=1, out_channels=1, block_out_channels=[32, 64],
+                              time_embedding_type="fourier", down_block_types=["SkipDownBlock2D", "AttnSkipDownBlock2D"],
+                              up_block_types=["AttnSkipUpBlock2D", "SkipUpBlock2D"]),
+     r"skip blocks .*NCSN\+\+.*does not prune: .*GroupNorms from the width"),
+    ("teacher_is_class_conditional",
+     lambda c: _config_folder(c, "UNet2DModel", sample_size=16, in_channels=1, out_channels=1, block_out_channels=[16, 32],
+                              norm_num_groups=8, down_block_types=["DownBlock2D", "AttnDownBlock2D"],
+                              up_block_types=["AttnUpBlock2D", "UpBlock2D"], num_class_embeds=10),
+     r"class-conditional .*DDPMPipeline, which passes no class labels"),
+    ("fourier_teacher_in_the_stock_layout",
+     lambda c: _config_folder(c, "UNet2DModel", sample_size=16, in_channels=1, out_channels=1, block_out_channels=[16, 32],
+                              norm_num_groups=8, down_block_types=["DownBlock2D", "AttnDownBlock2D"],
+                              up_block_types=["AttnUpBlock2D", "UpBlock2D"], time_embedding_type="fourier")
+     + ["--layout", "stock"],
+     r"time_embedding_type='fourier'. Use layout='per-layer'"),
+    ("macs_target_below_the_floors",
+     lambda c: ["--layout", "per-layer", "--target_macs", "0.001"],
+     r"--target_macs 0.001 cannot be reached in the per-layer layout.*--min_keep_fraction"),
+    ("dataset_name_and_train_data_dir",
+     lambda c: ["--dataset_name", "digits", "--train_data_dir", str(_images(c, "both_sources", "L"))],
+     r"--dataset_name digits --train_data_dir .*both_sources.*give only one"),
     ("teacher_is_a_conditional_unet",
      lambda c: _config_folder(c, "UNet2DConditionModel", in_channels=4, sample_size=8, cross_attention_dim=8),
      r"is a UNet2DConditionModel, not a UNet2DModel"),
@@ -178,7 +200,7 @@ BAD_INPUT_CASES = [
     ("teacher_folder_without_model",
      lambda c: (c.tmp / "empty_teacher").mkdir() or ["--pretrained_model_name_or_path", str(c.tmp / "empty_teacher")],
      r"holds neither a pipeline \(model_index.json\) nor a model \(config.json\)"),
-    ("no_data_source", lambda c: ["--dataset_name", ""], r"No training data given"),
+    ("no_data_source", lambda c: ["--dataset_name", ""], r"--dataset_name was given an empty value \(''\)"),
     ("image_column_missing_imagefolder",
      lambda c: ["--dataset_name", "", "--train_data_dir", str(_images(c, "gray", "L")), "--image_column", "nope"],
      r"image_column='nope' is not a column of the image folder"),
@@ -337,7 +359,8 @@ def test_bare_unet_teacher_per_layer_layout(prune, tiny_teacher, tmp_path):
                 "--rescore_every", "1", "--checkpointing_steps", "100", "--layout", "per-layer", "--target_sparsity", "0.3",
                 "--num_inference_steps", "2", "--num_validation_images", "2", "--validation_steps", "100", "--report_to", "none"])
     summary = json.loads((output_dir / "pruning_summary.json").read_text())
-    assert summary["teacher"] == tiny_teacher["unet"] and summary["layout"] == "per-layer"
+    # A local teacher is named by its folder's base name (published files carry no machine path).
+    assert summary["teacher"] == os.path.basename(os.path.normpath(tiny_teacher["unet"])) and summary["layout"] == "per-layer"
     masks = load_file(str(output_dir / "pruning_masks.safetensors"))
     pruned = sum(int((m == 0).sum()) for m in masks.values())
     total = sum(m.numel() for m in masks.values())
@@ -346,6 +369,38 @@ def test_bare_unet_teacher_per_layer_layout(prune, tiny_teacher, tmp_path):
     assert summary["pruned"]["params"] < summary["dense"]["params"]
     with torch.no_grad():
         assert unet(torch.randn(1, 1, 16, 16), 10).sample.shape == (1, 1, 16, 16)
+
+
+@pytest.mark.parametrize("layout", ["per-layer", "stock"])
+def test_macs_target_is_met_and_stated(layout, prune, tiny_teacher, tmp_path):
+    """--target_macs 0.5: the exported model has the MACs asked for (per-layer: at most 0.5, within 0.02; stock: the
+    nearest point of its grid), and the summary, pruning_info and the card state the fraction reached."""
+    from diffusers_gfprune.counting import count_macs
+    from diffusers_gfprune.export import sparsity_for_macs
+    from diffusers_gfprune.units import find_units
+
+    output_dir = tmp_path / "run"
+    prune.main(["--pretrained_model_name_or_path", tiny_teacher["pipeline"], "--output_dir", str(output_dir),
+                "--train_batch_size", "4", "--max_train_steps", "4", "--soft_steps", "1", "--pruning_steps", "2",
+                "--rescore_every", "1", "--checkpointing_steps", "100", "--layout", layout, "--target_macs", "0.5",
+                "--num_eval_images", "0", "--num_inference_steps", "2", "--num_validation_images", "2",
+                "--validation_steps", "100", "--report_to", "none", "--max_train_samples", "20"])
+    summary = json.loads((output_dir / "pruning_summary.json").read_text())
+    achieved = summary["pruned"]["macs"] / summary["dense"]["macs"]
+    assert summary["achieved_macs"] == pytest.approx(achieved)
+    if layout == "per-layer":
+        assert 0.48 <= achieved <= 0.5, achieved
+        pruning_info = json.loads((output_dir / "model_index.json").read_text())["pruning_info"]
+        assert pruning_info["target_macs"] == 0.5 and pruning_info["achieved_macs"] == pytest.approx(achieved)
+    else:
+        from diffusers import UNet2DModel
+
+        teacher = UNet2DModel.from_pretrained(tiny_teacher["pipeline"], subfolder="unet")
+        _, grid = sparsity_for_macs(teacher, find_units(teacher), 0.5)
+        assert achieved == pytest.approx(grid, abs=2e-3)
+    card = (output_dir / "README.md").read_text()
+    assert f"reached {achieved:.1%} of the dense MACs" in card
+    RESULTS[f"--target_macs 0.5, {layout}: MACs reached"] = f"{achieved:.4f}"
 
 
 @pytest.mark.parametrize("layout, target", [("per-layer", ["--target_sparsity", "0.3"]), ("stock", ["--target_macs", "0.5"])])

@@ -1,6 +1,7 @@
 """The speed benchmark's quick mode: its JSON, tables and plot (never its timings)."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -143,3 +144,30 @@ def test_bad_arguments():
         script.parse_args(["--batch_sizes", "cifar10=a,b"])
     with pytest.raises(SystemExit):
         script.parse_args(["--reductions", "1.5"])
+
+
+def test_committed_results_record_no_machine_paths():
+    """The committed summaries and benchmark JSON name files relative to the repository, not a machine's folders."""
+    import glob
+    import re
+
+    from .conftest import REPO_ROOT
+
+    files = glob.glob(os.path.join(REPO_ROOT, "docs", "speed*.json")) + [
+        os.path.join(REPO_ROOT, "teachers", "ddpm-digits", "training_summary.json")]
+    local = re.compile(r"(?<![\w.])/(tmp|work|home|root|Users|var)/")
+    offenders = {os.path.relpath(f, REPO_ROOT): local.findall(open(f, encoding="utf-8").read()) for f in files}
+    assert all(not v for v in offenders.values()), offenders
+    assert not os.path.exists(os.path.join(REPO_ROOT, "docs", "speed_earlier"))
+
+
+def test_portable_paths():
+    from diffusers_gfprune.training import REPO_ROOT as ROOT
+    from diffusers_gfprune.training import portable_argv, portable_path
+
+    assert portable_path(os.path.join(ROOT, "docs", "speed.json")) == os.path.join("docs", "speed.json")
+    assert portable_path("/tmp/run/out") == "out"
+    assert portable_path(os.path.expanduser("~/data/images")) == "images"
+    assert portable_path("google/ddpm-cifar10-32") == "google/ddpm-cifar10-32"
+    assert portable_argv(["x.py", "--output_dir", "/tmp/a/b", "--train_data_dir=/home/me/imgs"]) == [
+        "x.py", "--output_dir", "b", "--train_data_dir=imgs"]

@@ -42,8 +42,6 @@ def parse_args(argv=None):
                              "Not needed for pipelines saved by this package (stock or per-layer).")
     parser.add_argument("--hub_token", type=str, default=None, help="Hub token for private repos (else HF_TOKEN or the login cache).")
     training.add_data_arguments(parser)
-    # --train_data_dir alone means that folder; the built-in digits are the default only when no source is given.
-    parser.set_defaults(dataset_name=None)
     parser.add_argument("--output_dir", type=str, default=None,
                         help="Where eval_results.json/.md go (default: the pruned folder, when it is local).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the initial noise of the samples.")
@@ -61,10 +59,7 @@ def parse_args(argv=None):
     e.add_argument("--throughput_repeats", type=int, default=7,
                    help="Timed repeats per model (interleaved teacher/pruned); 0 skips the timing.")
     e.add_argument("--num_grid_images", type=int, default=16, help="Pairs shown in eval_teacher_vs_pruned.png (0: no grid).")
-    args = parser.parse_args(argv)
-    if args.dataset_name is None and not args.train_data_dir:
-        args.dataset_name = "digits"
-    return args
+    return training.resolve_data_arguments(parser.parse_args(argv))
 
 
 def _remote_unet(path: str, revision, cache_dir, token):
@@ -137,8 +132,18 @@ def _unet_config(resolved) -> dict:
 
 
 def _default_teacher(path: str):
-    summary = os.path.join(path, "pruning_summary.json") if os.path.isdir(path) else None
-    if summary and os.path.isfile(summary):
+    """The teacher a pruned folder names: a local run's own record of its teacher folder (a hidden file that is
+    never pushed), else pruning_summary.json's teacher (a Hub id, or a local folder's base name only)."""
+    if not os.path.isdir(path):
+        return None
+    local = os.path.join(path, training.LOCAL_PATHS_FILE)
+    if os.path.isfile(local):
+        with open(local, encoding="utf-8") as f:
+            teacher = json.load(f).get("teacher")
+        if teacher and os.path.exists(teacher):
+            return teacher
+    summary = os.path.join(path, "pruning_summary.json")
+    if os.path.isfile(summary):
         with open(summary, encoding="utf-8") as f:
             return json.load(f).get("teacher")
     return None

@@ -31,10 +31,12 @@ from tqdm.auto import tqdm
 from diffusers_gfprune import data, evaluation, export, training
 from diffusers_gfprune.counting import count_parameters, model_counts
 from diffusers_gfprune.criteria import CRITERIA, GRADIENT_FLOW_FORMS, config_dict, get_criterion
+from diffusers_gfprune.hub import public_name, scrub_local_paths
 from diffusers_gfprune.modeling_pruned_unet import PrunedUNet2DModel
 from diffusers_gfprune.plotting import plot_pruning_run
 from diffusers_gfprune.pruner import PROCESSES, REACTIVATION_RULES, SOFT_COMMITS, GradientFlowPruner, PrunerConfig
 from diffusers_gfprune.sampling import comparison_grid, sample_images
+from diffusers_gfprune.selection import check_macs_target
 from diffusers_gfprune.teacher import load_teacher, resolve_teacher
 from diffusers_gfprune.units import find_units
 
@@ -104,7 +106,7 @@ def parse_args(argv=None):
                    help="At every validation step, also the FID (the shipped classifier's features) of this many samples; built-in data sets only.")
     e.add_argument("--inception_weights", type=str, default=None,
                    help="Path of torch-fidelity's Inception-v3 weights file, for Inception FID offline.")
-    return parser.parse_args(argv)
+    return training.resolve_data_arguments(parser.parse_args(argv))
 
 
 def pruning_config(args) -> PrunerConfig:
@@ -138,6 +140,7 @@ def pruning_config(args) -> PrunerConfig:
         reactivation_rule=args.reactivation_rule,
         reactivation_fraction=args.reactivation_fraction,
         round_to=args.round_to,
+        target_macs=args.target_macs if args.layout == "per-layer" else None,
     )
 
 
@@ -189,6 +192,7 @@ def validate(args):
     if args.inception_weights is not None and not os.path.isfile(args.inception_weights):
         raise ValueError(f"--inception_weights {args.inception_weights!r} is not a file.")
     source = resolve_teacher(args.pretrained_model_name_or_path, args.revision, args.cache_dir, args.hub_token)
+    export.check_layout(source.unet_config, args.layout)  # block types, time embedding and layout, before any work
     in_channels = source.unet_config.get("in_channels", 3)
     resolution = args.resolution or source.unet_config.get("sample_size")
     data_config = data.DataConfig(
@@ -206,6 +210,8 @@ def validate(args):
         args.target_sparsity, _ = export.sparsity_for_macs(_meta_model(source.unet_config), units, args.target_macs, round_to)
     if args.layout == "stock":
         export.stock_keep_ratio(units, args.target_sparsity, args.round_to)  # a clear error if the layout cannot meet it
+    elif args.target_macs is not None:  # per-layer: the selection meets the MACs target itself; refuse what floors forbid
+        check_macs_target(units, args.target_macs, args.min_keep_fraction)
     pruning_config(args)  # phase lengths
     training.resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)  # a missing checkpoint folder
     # Image data sets reveal their channel count only when loaded (their first image); the data set is kept for main.
@@ -443,12 +449,15 @@ def main(argv=None):
         comparison = _evaluate(args, teacher, unet, noise_scheduler, dataset, data_config)
         pruned_stats = model_counts(unet, sample_size)
         summary = {
-            "teacher": source.path,
+            "teacher": public_name(source.path, not os.path.isdir(source.path)),
             "criterion": args.criterion,
             "criterion_config": config_dict(criterion),
             "layout": args.layout,
             "target_sparsity": args.target_sparsity,
             "target_macs": args.target_macs,
+            "achieved_macs": pruned_stats["macs"] / dense_stats["macs"],
+            "unit_sparsity": (None if state["masks"] is None else  # the units removed, whatever the target was
+                              1 - sum(float(m.sum()) for m in state["masks"].values()) / sum(m.numel() for m in state["masks"].values())),
             "pruner": {k: getattr(config, k) for k in config.__dataclass_fields__},
             "time_reembedding_error": reembedding.embedding_relative_error if reembedding else None,
             "dense": dense_stats,
@@ -460,14 +469,15 @@ def main(argv=None):
             "pruning_criterion_seconds": pruning_seconds,
             "pruning_stage_seconds": state["seconds"]["pruning"],
             "finetune_seconds": state["seconds"]["finetune"],
-            "evaluation": comparison.as_dict() if comparison else None,
+            "evaluation": scrub_local_paths(comparison.as_dict(), _local_paths(args, source)) if comparison else None,
         }
         pruning_info = None
         if args.layout == "per-layer":  # published as the pipeline variant, which records what was pruned
             pruning_info = {
                 "base_model": source.path if not os.path.isdir(source.path) else os.path.basename(os.path.normpath(source.path)),
-                "criterion": args.criterion, "sparsity": float(args.target_sparsity), "layout": args.layout,
-                "target_macs": args.target_macs,
+                "criterion": args.criterion, "layout": args.layout,
+                "sparsity": float(summary["unit_sparsity"] if summary["unit_sparsity"] is not None else args.target_sparsity),
+                "target_macs": args.target_macs, "achieved_macs": summary["achieved_macs"],
                 "params": {"dense": summary["dense"]["params"], "pruned": pruned_stats["params"]},
                 "macs": {"dense": summary["dense"]["macs"], "pruned": pruned_stats["macs"]},
                 "metrics": {m.key: m.value for m in comparison.metrics} if comparison else {},
@@ -476,6 +486,8 @@ def main(argv=None):
         _save_masks(state["masks"], units, args, os.path.join(args.output_dir, "pruning_masks.safetensors"))
         summary["wall_seconds"] = time.time() - started
         training.write_json(summary, os.path.join(args.output_dir, "pruning_summary.json"))
+        training.write_json({"teacher": os.path.abspath(source.path) if os.path.isdir(source.path) else source.path},
+                            os.path.join(args.output_dir, training.LOCAL_PATHS_FILE))  # for evaluate.py; never pushed
         training.write_json(state["history"], os.path.join(args.output_dir, "pruning_history.json"))
         shown = {k: summary[k] for k in ("dense", "pruned", "final_loss", "wall_seconds")}
         if comparison:
@@ -512,24 +524,26 @@ def write_model_card(args, source, data_config, config, summary, comparison=None
     from diffusers_gfprune.hub import CardInfo, make_model_card
 
     on_hub = not os.path.isdir(source.path)
-    dataset = args.dataset_name or args.train_data_dir
-    target = (f"{args.target_macs:.0%} of the dense MACs (unit sparsity {args.target_sparsity:.4g})"
-              if args.target_macs is not None else f"unit sparsity {args.target_sparsity:.4g}")
+    dataset_on_hub = bool(args.dataset_name) and "/" in args.dataset_name and not os.path.exists(args.dataset_name)
+    dataset = public_name(args.dataset_name or args.train_data_dir, dataset_on_hub)
+    achieved = f"; reached {summary['achieved_macs']:.1%} of the dense MACs"
+    target = (f"{args.target_macs:.0%} of the dense MACs{achieved}" if args.target_macs is not None
+              else f"unit sparsity {args.target_sparsity:.4g}{achieved}")
     hyper = {k: getattr(args, k) for k in ("train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler",
                                           "lr_warmup_steps", "max_train_steps", "use_ema", "ema_max_decay", "seed", "mixed_precision",
                                           "score_batches", "score_batch_size", "score_timesteps", "score_resample", "score_ema",
                                           "hvp", "gradient_flow_form", "process", "soft_commit", "reactivation", "reactivation_rule")}
     info = CardInfo(
         repo_name=os.path.basename(os.path.normpath(args.hub_model_id or args.output_dir)),
-        repo_id=args.hub_model_id or os.path.normpath(args.output_dir),
-        base_model=source.path if on_hub else os.path.basename(os.path.normpath(source.path)),
+        repo_id=args.hub_model_id or public_name(args.output_dir, False),
+        base_model=public_name(source.path, on_hub),
         base_model_on_hub=on_hub,
         dataset=dataset,
-        dataset_on_hub=bool(args.dataset_name) and "/" in args.dataset_name and not os.path.exists(args.dataset_name),
+        dataset_on_hub=dataset_on_hub,
         criterion=args.criterion,
         layout=args.layout,
         target_description=target,
-        sparsity=args.target_sparsity,
+        sparsity=summary["unit_sparsity"] if summary.get("unit_sparsity") is not None else args.target_sparsity,
         params_dense=summary["dense"]["params"], params_pruned=summary["pruned"]["params"],
         macs_dense=summary["dense"]["macs"], macs_pruned=summary["pruned"]["macs"],
         macs_dense_noattn=summary["dense"]["macs_without_attention"], macs_pruned_noattn=summary["pruned"]["macs_without_attention"],
@@ -543,10 +557,18 @@ def write_model_card(args, source, data_config, config, summary, comparison=None
         extra_images=[("pruning_curves.png", "Loss, sparsity s_t and mask value p_t per step; dotted: end of the soft phase, dashed: export")],
         time_reembedding_error=summary["time_reembedding_error"],
         grid_sampler=f"DDIM, {args.num_inference_steps} steps, eta 0",
+        local_paths=_local_paths(args, source),
     )
     path = os.path.join(args.output_dir, "README.md")
     make_model_card(info).save(f"{path}.tmp")
     os.replace(f"{path}.tmp", path)
+
+
+def _local_paths(args, source):
+    """The run's machine-local folders, which published files name by base name only."""
+    paths = [args.train_data_dir, args.output_dir, args.cache_dir, args.inception_weights]
+    paths += [p for p in (source.path, args.dataset_name) if p and os.path.exists(p)]
+    return [p for p in paths if p]
 
 
 def _save_masks(masks, units, args, path):

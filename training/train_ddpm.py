@@ -48,7 +48,7 @@ def parse_args(argv=None):
     model.add_argument("--norm_num_groups", type=int, default=16, help="GroupNorm groups.")
     model.add_argument("--num_train_timesteps", type=int, default=1000, help="Diffusion steps of the scheduler.")
     model.add_argument("--beta_schedule", type=str, default="linear", help="Beta schedule of the DDPMScheduler.")
-    return parser.parse_args(argv)
+    return training.resolve_data_arguments(parser.parse_args(argv))
 
 
 def build_model(args) -> UNet2DModel:
@@ -208,7 +208,7 @@ def main(argv=None):
             "wall_seconds_this_invocation": time.time() - started,
             "wall_seconds_total": wall["before"] + time.time() - wall["started"],
             "num_parameters": sum(p.numel() for p in unet.parameters()),
-            "command": " ".join(sys.argv),
+            "command": " ".join(training.portable_argv(sys.argv)),
         }
         path = os.path.join(args.output_dir, "training_summary.json")
         with open(f"{path}.tmp", "w") as f:
