@@ -80,6 +80,9 @@ def parse_args(argv=None):
     parser.add_argument("--reuse_runs", action="store_true",
                         help="Keep the runs already finished in --output_dir with the same arguments (their recorded times stay).")
     parser.add_argument("--keep_checkpoints", action="store_true", help="Keep each run's checkpoint folders (default: deleted).")
+    parser.add_argument("--validation_fid", action="store_true",
+                        help="Also the FID during training (digits only; prune.py's --validation_fid_images, about a fifth of a "
+                             "run's time on a CPU): the FID curves of the figure.")
     parser.add_argument("--timing_steps", type=int, default=None, help="Training steps per timed round of the overhead timing.")
     parser.add_argument("--timing_repeats", type=int, default=None, help="Timed rounds of the overhead timing.")
     args = parser.parse_args(argv)
@@ -102,7 +105,7 @@ def run_argv(args, criterion: str, arm: str, seed: int, output_dir: str) -> list
     """The criteria benchmark's prune.py arguments, this benchmark's data set, and the arm's distillation flags."""
     argv = load_criteria_benchmark().run_argv(args, criterion, seed, output_dir)
     argv[argv.index("--dataset_name") + 1] = args.dataset_name
-    if not digits(args):  # the FID during training is the digits classifier's
+    if not digits(args) or not args.validation_fid:  # the FID during training is the digits classifier's
         i = argv.index("--validation_fid_images")
         del argv[i:i + 2]
     return argv + ARMS[arm]
@@ -217,9 +220,9 @@ def measure_step_overhead(teacher, scheduler, args) -> dict:
     out = {"batch_size": args.train_batch_size, "steps_per_round": args.timing_steps, "rounds": args.timing_repeats,
            "threads": torch.get_num_threads(), "stages": {}}
     for stage, (model, feature_map) in stages.items():
-        steps = {arm: step_fn(copy.deepcopy(model) if stage == "finetune" else model, arm, feature_map) for arm in args.arms}
-        times = {arm: [] for arm in args.arms}
-        names = list(args.arms)
+        names = list(ARMS)  # every arm, also those without runs: the timing is cheap
+        steps = {arm: step_fn(copy.deepcopy(model) if stage == "finetune" else model, arm, feature_map) for arm in names}
+        times = {arm: [] for arm in names}
         for r in tqdm(range(1 + args.timing_repeats), desc=f"step timing ({stage})", leave=False):
             for arm in names if r % 2 == 0 else names[::-1]:
                 tick = time.perf_counter()
@@ -229,7 +232,7 @@ def measure_step_overhead(teacher, scheduler, args) -> dict:
                     times[arm].append((time.perf_counter() - tick) / args.timing_steps)
         median = {arm: float(np.median(v)) for arm, v in times.items()}
         # Per-round ratios cancel slow drifts of the machine: round i of every arm ran back to back.
-        ratio = {arm: float(np.median(np.array(times[arm]) / np.array(times["off"]))) for arm in args.arms}
+        ratio = {arm: float(np.median(np.array(times[arm]) / np.array(times["off"]))) for arm in names}
         out["stages"][stage] = {"seconds_per_step_median": median, "seconds_per_step": times, "ratio_to_plain_step": ratio}
     masks.detach()
     return out
@@ -334,7 +337,7 @@ def write_report(results: dict, docs_dir: str) -> str:
         f"One training step (batch {results['step_timing']['batch_size']}, forward + backward + AdamW; median of "
         f"{results['step_timing']['rounds']} interleaved rounds), with the term over a plain step: "
         + "; ".join(f"{stage.replace('_', ' ')}: " + ", ".join(f"{a} {timing[stage]['ratio_to_plain_step'][a]:.2f}x"
-                                                                for a in arms if a != "off") for stage in timing) + ".",
+                                                                for a in ARMS if a != "off") for stage in timing) + ".",
         "",
         "Verdict (the rule: SSIM to the teacher up with its interval above zero, FID not worse, training time at most "
         f"{TIME_LIMIT}x, for every criterion):",
@@ -356,10 +359,11 @@ def write_report(results: dict, docs_dir: str) -> str:
         "`python benchmarks/distillation.py --teacher <colour teacher> --dataset_name <its data>` when it is (FID is "
         "then reported as not computed: the digits classifier measures digits only).",
         "",
-        f"![FID and DDPM loss per step, with and without distillation]({rel(results['figures']['curves'])})",
+        f"![DDPM loss per step, with and without distillation]({rel(results['figures']['curves'])})",
         "",
-        "*FID during training (digits classifier features) and the DDPM training loss (moving mean; with distillation "
-        "the logged loss is still the DDPM part alone), mean over seeds; dashed: export.*",
+        ("*FID during training (digits classifier features) and the" if c["validation_fid"] else "*The") +
+        " DDPM training loss (moving mean; with distillation the logged loss is still the DDPM part alone), mean over "
+        "seeds; dashed: export.*",
         "",
         f"![Teacher and each arm from the same noise]({rel(results['figures']['grid'])})",
         "",
@@ -394,14 +398,15 @@ def plot_curves(runs: list, criteria, arms, pruning_steps: int, path: str) -> st
 
     from diffusers_gfprune.plotting import save_figure
 
-    fig, axes = plt.subplots(2, len(criteria), figsize=(5.5 * len(criteria), 7), sharex=True, squeeze=False)
+    with_fid = any(r["fid_curve"] for r in runs)
+    fig, axes = plt.subplots(2 if with_fid else 1, len(criteria), figsize=(5.5 * len(criteria), 7), sharex=True, squeeze=False)
     colors = plt.get_cmap("tab10")
     for j, criterion in enumerate(criteria):
-        ax_fid, ax_loss = axes[0][j], axes[1][j]
+        ax_fid, ax_loss = (axes[0][j], axes[1][j]) if with_fid else (None, axes[0][j])
         for i, arm in enumerate(arms):
             mine = [r for r in runs if r["criterion"] == criterion and r["arm"] == arm]
             steps = sorted({s for r in mine for s, _ in r["fid_curve"]})
-            if steps:
+            if steps and with_fid:
                 table = np.array([[dict(map(tuple, r["fid_curve"])).get(s, np.nan) for s in steps] for r in mine], dtype=float)
                 ax_fid.plot(steps, np.nanmean(table, 0), marker="o", ms=3, color=colors(i), label=arm)
             length = min(len(r["loss_curve"]) for r in mine)
@@ -409,15 +414,17 @@ def plot_curves(runs: list, criteria, arms, pruning_steps: int, path: str) -> st
             window = max(1, length // 30)
             ax_loss.plot(np.arange(window, length + 1), np.convolve(losses, np.ones(window) / window, mode="valid"),
                          color=colors(i), label=arm)
-        ax_fid.set_title(criterion)
-        ax_fid.set_yscale("log")
+        (ax_fid or ax_loss).set_title(criterion)
         ax_loss.set_yscale("log")
         ax_loss.set_xlabel("optimizer step")
         for ax in (ax_fid, ax_loss):
-            ax.axvline(pruning_steps, color="k", ls="--", lw=0.8)
-        ax_fid.legend(fontsize=8)
-    axes[0][0].set_ylabel("FID (digits classifier; NOT Inception)")
-    axes[1][0].set_ylabel("DDPM training loss (moving mean)")
+            if ax is not None:
+                ax.axvline(pruning_steps, color="k", ls="--", lw=0.8)
+        (ax_fid or ax_loss).legend(fontsize=8)
+        if ax_fid is not None:
+            ax_fid.set_yscale("log")
+            ax_fid.set_ylabel("FID (digits classifier; NOT Inception)")
+    axes[-1][0].set_ylabel("DDPM training loss (moving mean)")
     fig.tight_layout()
     return save_figure(fig, path)
 

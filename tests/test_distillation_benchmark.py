@@ -22,7 +22,7 @@ def quick(tiny_teacher, tmp_path_factory):
     torch.set_num_threads(1)
     try:
         argv = ["--quick", "--teacher", tiny_teacher["pipeline"], "--output_dir", str(root / "out"), "--docs_dir", str(docs),
-                "--criteria", "gradient_flow", "--arms", "output+features"]
+                "--criteria", "gradient_flow", "--arms", "output+features", "--validation_fid"]
         results = bench.main(argv)
         again = bench.main(argv + ["--reuse_runs"])  # every run reused: the same numbers, the section replaced in place
     finally:

@@ -163,3 +163,15 @@ def test_two_processes_match_one(reference, tiny_teacher, tmp_path):
                 load_file(str(reference / "pruning_masks.safetensors")), "final masks, 2 processes vs 1")
     got, want = weights(output_dir / "unet"), weights(reference / "unet")
     assert max(float((got[k] - want[k]).abs().max()) for k in want) <= 1e-4
+
+
+@pytest.mark.parametrize("criterion", ["diff_pruning", "taylor", "magnitude", "random"])
+def test_every_criterion_runs_with_distillation(criterion, prune, tiny_teacher, tmp_path):
+    """gradient_flow runs above; the others, on a short schedule (the term does not depend on the criterion)."""
+    output_dir = tmp_path / criterion
+    prune.main(run_args(tiny_teacher["pipeline"], output_dir, GLOBAL_BATCH, "--criterion", criterion, "--max_train_steps", "4",
+                        "--soft_steps", "1", "--pruning_steps", "2", "--checkpointing_steps", "100",
+                        "--diff_pruning_timesteps", "4"))
+    history = json.loads((output_dir / "pruning_history.json").read_text())
+    assert len(history) == 4 and all(h["distill_output"] > 0 and h["distill_feature"] >= 0 for h in history)
+    assert {h["phase"] for h in history} == {"soft", "hard", "finetune"}
