@@ -83,6 +83,7 @@ def parse_args(argv=None):
     parser.add_argument("--validation_fid", action="store_true",
                         help="Also the FID during training (digits only; prune.py's --validation_fid_images, about a fifth of a "
                              "run's time on a CPU): the FID curves of the figure.")
+    parser.add_argument("--note", type=str, default=None, help="A sentence for the report (why a budget differs, say).")
     parser.add_argument("--timing_steps", type=int, default=None, help="Training steps per timed round of the overhead timing.")
     parser.add_argument("--timing_repeats", type=int, default=None, help="Timed rounds of the overhead timing.")
     args = parser.parse_args(argv)
@@ -306,14 +307,16 @@ def write_report(results: dict, docs_dir: str) -> str:
         f"Wall time of the whole benchmark: {results['wall_seconds'] / 60:.1f} min on {results['machine']}. Code: "
         f"{results['code']}.",
         "",
-        f"Teacher `{c['teacher']}` ({c['dataset_name']}); budget per run as in the criteria benchmark: {c['max_train_steps']} "
-        f"steps at batch {c['train_batch_size']}, export at step {c['pruning_steps']}, fine-tuning with EMA, "
+        f"Teacher `{c['teacher']}` ({c['dataset_name']}); budget per run: {c['max_train_steps']} steps at batch "
+        f"{c['train_batch_size']} (the criteria benchmark's: {results['full_budget']}), export at step {c['pruning_steps']}, "
+        "fine-tuning with EMA, "
         f"{c['target_macs']:.0%} of the dense MACs, {c['layout']} layout; seeds {', '.join(map(str, c['seeds']))} (for a seed, "
         "every arm sees the same data order, noise and timesteps). Arms (prune.py flags): "
         + "; ".join(f"**{a}**: `{' '.join(ARMS[a]) or '(none)'}`" for a in arms) + ". Distillation is on in the pruning "
         "stage and the fine-tuning (constant schedule).",
         "",
-        f"Final evaluation as in the criteria benchmark: {c['num_eval_images']} samples per model, DDIM "
+        *([c["note"], ""] if c["note"] else []),
+        f"Final evaluation as in the criteria benchmark (with its sample count or fewer): {c['num_eval_images']} samples per model, DDIM "
         f"{c['num_inference_steps']} steps, the teacher's noise; FID in the digits classifier's features (NOT Inception) "
         "against the held-out test digits; SSIM to the teacher's sample from the same noise. Differences are the arm "
         "minus **off**, paired by seed, mean [95% Student-t interval]; * marks an interval that excludes zero. Training "
@@ -494,7 +497,8 @@ def main(argv=None):
     results = {
         "command": command, "machine": crit._machine(), "code": code_version, "criteria": list(args.criteria),
         "arms": list(args.arms), "config": config, "runs": runs, "comparison": comparison, "verdicts": verdicts,
-        "default": default, "step_timing": step_timing, "json_path": os.path.relpath(json_path),
+        "default": default, "step_timing": step_timing,
+        "full_budget": f"{crit.FULL['max_train_steps']} steps at batch {crit.FULL['train_batch_size']}", "json_path": os.path.relpath(json_path),
         "figures": {"curves": os.path.relpath(curves), "grid": os.path.relpath(grid)},
         "wall_seconds": time.time() - started,
     }
