@@ -83,6 +83,11 @@ def parse_args(argv=None):
     parser.add_argument("--validation_fid", action="store_true",
                         help="Also the FID during training (digits only; prune.py's --validation_fid_images, about a fifth of a "
                              "run's time on a CPU): the FID curves of the figure.")
+    b = parser.add_argument_group("budget (defaults: the criteria benchmark's full budget, or its --quick one)")
+    b.add_argument("--max_train_steps", type=int, default=None, help="T: total optimizer steps per run.")
+    b.add_argument("--train_batch_size", type=int, default=None, help="Images per optimizer step.")
+    b.add_argument("--num_eval_images", type=int, default=None, help="Samples per final model (and of the teacher, once).")
+    b.add_argument("--num_inference_steps", type=int, default=None, help="DDIM steps of the final samples (eta 0).")
     parser.add_argument("--note", type=str, default=None, help="A sentence for the report (why a budget differs, say).")
     parser.add_argument("--timing_steps", type=int, default=None, help="Training steps per timed round of the overhead timing.")
     parser.add_argument("--timing_repeats", type=int, default=None, help="Timed rounds of the overhead timing.")
