@@ -45,15 +45,20 @@ class DDPMLoss:
             raise ValueError(f"Unknown prediction_type {self.prediction_type!r}; choose one of {PREDICTION_TYPES}.")
 
     def __call__(self, model) -> torch.Tensor:
-        noisy = self.scheduler.add_noise(self.images, self.noise, self.timesteps)
-        output = model(noisy, self.timesteps).sample
+        output = model(self.noisy(), self.timesteps).sample
+        return F.mse_loss(output.float(), self.target().float())
+
+    def noisy(self) -> torch.Tensor:
+        """The model's input ``x_t``."""
+        return self.scheduler.add_noise(self.images, self.noise, self.timesteps)
+
+    def target(self) -> torch.Tensor:
+        """What the model should predict for :meth:`noisy` (by ``prediction_type``)."""
         if self.prediction_type == "epsilon":
-            target = self.noise
-        elif self.prediction_type == "sample":
-            target = self.images
-        else:
-            target = self.scheduler.get_velocity(self.images, self.noise, self.timesteps)
-        return F.mse_loss(output.float(), target.float())
+            return self.noise
+        if self.prediction_type == "sample":
+            return self.images
+        return self.scheduler.get_velocity(self.images, self.noise, self.timesteps)
 
     def subset(self, index) -> "DDPMLoss":
         """The same loss on the images selected by ``index`` (a slice or index tensor)."""

@@ -32,6 +32,8 @@ from diffusers_gfprune import data, evaluation, export, training
 from diffusers_gfprune.counting import count_parameters, model_counts
 from diffusers_gfprune.criteria import CRITERIA, GRADIENT_FLOW_FORMS, config_dict, get_criterion
 from diffusers_gfprune.hub import public_name, scrub_local_paths
+from diffusers_gfprune.distillation import SCHEDULES as DISTILL_SCHEDULES
+from diffusers_gfprune.distillation import DistillationConfig, Distiller, FeatureMap, resolve_feature_layers
 from diffusers_gfprune.modeling_pruned_unet import PrunedUNet2DModel
 from diffusers_gfprune.plotting import plot_pruning_run
 from diffusers_gfprune.pruner import PROCESSES, REACTIVATION_RULES, SOFT_COMMITS, GradientFlowPruner, PrunerConfig
@@ -96,6 +98,15 @@ def parse_args(argv=None):
                    help="Keep every width a multiple of this many channels (8, 16 or 32 run faster; see docs/speed.md). "
                         "stock: --target_macs picks the nearest sparsity whose widths are all multiples; per-layer: "
                         "the selection rounds each family. 1 = no rounding.")
+    d = parser.add_argument_group("distillation from the dense teacher (pruning stage and fine-tuning; see docs/benchmarks.md)")
+    d.add_argument("--distill_weight", type=float, default=0.0,
+                   help="Weight of the output-level term ||student(x_t, t) - teacher(x_t, t)||^2 added to the DDPM loss; 0 = off.")
+    d.add_argument("--distill_feature_weight", type=float, default=0.0,
+                   help="Weight of the feature-level term (relative squared error at the outputs of --distill_features); 0 = off.")
+    d.add_argument("--distill_features", type=str, nargs="+", default=[],
+                   help="Blocks whose outputs are distilled: down_blocks.<i>, mid_block, up_blocks.<i>, or all.")
+    d.add_argument("--distill_schedule", type=str, default="constant", choices=DISTILL_SCHEDULES,
+                   help="The weights over the run: constant, or decaying from 1x at step 0 to 0 at the last step.")
     e = parser.add_argument_group("evaluation (at the end of the run; the numbers go into the card)")
     e.add_argument("--num_eval_images", type=int, default=300,
                    help="Image pairs (teacher, pruned) sampled from the same noise for SSIM and FID/KID; 0 skips the evaluation.")
@@ -115,7 +126,7 @@ def pruning_config(args) -> PrunerConfig:
             raise ValueError("--process one-shot fine-tunes after pruning at step 0: --max_train_steps must be >= 1.")
         return PrunerConfig(target_sparsity=args.target_sparsity, process="one-shot",
                             selection="local" if args.layout == "stock" else "global", min_keep_fraction=args.min_keep_fraction,
-                            round_to=args.round_to)
+                            round_to=args.round_to, target_macs=args.target_macs if args.layout == "per-layer" else None)
     soft = args.soft_steps if args.soft_steps is not None else max(1, round(0.1 * args.max_train_steps))
     pruning = args.pruning_steps if args.pruning_steps is not None else max(soft + 1, round(0.2 * args.max_train_steps))
     if pruning >= args.max_train_steps:
@@ -144,6 +155,11 @@ def pruning_config(args) -> PrunerConfig:
     )
 
 
+def distillation_config(args) -> DistillationConfig:
+    return DistillationConfig(output_weight=args.distill_weight, feature_weight=args.distill_feature_weight,
+                              feature_layers=tuple(args.distill_features), schedule=args.distill_schedule)
+
+
 def criterion_options(args) -> dict:
     """The criterion's config from the flags: ``random`` draws from the run's --seed, so that seeds differ."""
     if args.criterion == "gradient_flow":
@@ -161,6 +177,7 @@ def validate(args):
     training.check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint)
     training.check_hub_arguments(args)
     criterion = get_criterion(args.criterion, **criterion_options(args))
+    distill = distillation_config(args)
     if args.target_sparsity is not None:
         export.check_sparsity(args.target_sparsity)
     if args.target_macs is not None and not 0 < args.target_macs <= 1:
@@ -205,6 +222,8 @@ def validate(args):
         args.target_macs = 0.5
     # The units, the MACs target and the stock grid need only the teacher's config (a model on the meta device).
     units = find_units(_meta_model(source.unet_config))
+    if distill.feature_layers:
+        resolve_feature_layers(_meta_model(source.unet_config), distill.feature_layers)
     if args.target_sparsity is None:
         round_to = args.round_to if args.layout == "stock" else 1
         args.target_sparsity, _ = export.sparsity_for_macs(_meta_model(source.unet_config), units, args.target_macs, round_to)
@@ -318,6 +337,9 @@ def main(argv=None):
     if ema is not None:
         ema.to(accelerator.device)
     teacher.to(accelerator.device)
+    distill = distillation_config(args)
+    # The teacher is loaded from its source in every run (resumed ones too) and never checkpointed; the term has no state.
+    distiller = Distiller(teacher, distill, args.max_train_steps, accelerator.autocast) if distill.enabled else None
     if accelerator.is_main_process:
         tracked = {k: v for k, v in vars(args).items() if k != "hub_token" and isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers("prune", config=tracked)
@@ -328,6 +350,7 @@ def main(argv=None):
         accelerator.load_state(resume)
         global_step = training.checkpoint_step(resume)
 
+    feature_map = _feature_map(distiller, teacher, units, pruner, state)
     fixed_noise = torch.randn((args.num_validation_images, in_channels, sample_size, sample_size), generator=torch.Generator().manual_seed(args.seed))
     ddim = DDIMScheduler.from_config(noise_scheduler.config)
     teacher_images = sample_images(teacher, ddim, fixed_noise, args.num_inference_steps) if accelerator.is_main_process else None
@@ -359,6 +382,7 @@ def main(argv=None):
         pruner.masks.detach()
         state["seconds"]["pruning"] += time.time() - tick
         accelerator.print(f"Pruned in one shot and exported at step 0: {count_parameters(accelerator.unwrap_model(student)):,} parameters")
+        feature_map = _feature_map(distiller, teacher, units, pruner, state)
     micro_step = 0
     fid_reference = None
     if args.validation_fid_images:
@@ -377,8 +401,13 @@ def main(argv=None):
                     info = pruner.step(global_step, scoring(global_step))
                     pruning_seconds += time.time() - tick
                     pruner.masks.values.requires_grad_(pruner.wants_mask_gradients)
-                loss = noise.loss(batch["images"], noise_scheduler, args.prediction_type)(student)
-                accelerator.backward(loss)
+                ddpm = noise.loss(batch["images"], noise_scheduler, args.prediction_type)
+                if distiller is None:
+                    loss = objective = ddpm(student)
+                else:
+                    objective, parts = distiller(ddpm, student, global_step, feature_map)
+                    loss = parts["ddpm"]  # logged as "loss": the DDPM loss, comparable with runs without distillation
+                accelerator.backward(objective)
                 if state["stage"] == "pruning" and accelerator.sync_gradients and pruner.wants_mask_gradients:
                     pruner.observe_training_step()  # mask_flow learns from the training steps themselves
                 if accelerator.sync_gradients:
@@ -402,9 +431,12 @@ def main(argv=None):
             logs = {"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0], "sparsity": sparsity}
             if info:
                 logs["mask_value"] = info["mask_value"]
+            if distiller is not None:
+                logs.update({f"distill_{k}": accelerator.gather(v).mean().item() for k, v in parts.items() if k != "ddpm"})
             accelerator.log(logs, step=global_step)
             state["history"].append({"step": global_step, "loss": loss_value, "phase": phase, "sparsity": sparsity,
-                            "mask_value": info["mask_value"] if info else None})
+                            "mask_value": info["mask_value"] if info else None,
+                            **{k: v for k, v in logs.items() if k.startswith("distill_")}})
 
             if state["stage"] == "pruning" and global_step > config.pruning_steps:
                 # End of the pruning stage: physically remove the masked units.
@@ -414,6 +446,7 @@ def main(argv=None):
                 )
                 state["stage"] = "finetune"
                 pruner.masks.detach()
+                feature_map = _feature_map(distiller, teacher, units, pruner, state)
                 accelerator.print(f"Exported at step {global_step}: {count_parameters(accelerator.unwrap_model(student)):,} parameters")
             if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
                 if accelerator.is_main_process:
@@ -470,6 +503,9 @@ def main(argv=None):
             "pruning_stage_seconds": state["seconds"]["pruning"],
             "finetune_seconds": state["seconds"]["finetune"],
             "evaluation": scrub_local_paths(comparison.as_dict(), _local_paths(args, source)) if comparison else None,
+            "distillation": {"output_weight": distill.output_weight, "feature_weight": distill.feature_weight,
+                             "feature_layers": list(distiller.blocks if distiller else ()), "schedule": distill.schedule,
+                             "description": distill.describe()},
         }
         pruning_info = None
         if args.layout == "per-layer":  # published as the pipeline variant, which records what was pruned
@@ -533,6 +569,7 @@ def write_model_card(args, source, data_config, config, summary, comparison=None
                                           "lr_warmup_steps", "max_train_steps", "use_ema", "ema_max_decay", "seed", "mixed_precision",
                                           "score_batches", "score_batch_size", "score_timesteps", "score_resample", "score_ema",
                                           "hvp", "gradient_flow_form", "process", "soft_commit", "reactivation", "reactivation_rule")}
+    hyper["distillation"] = distillation_config(args).describe()
     info = CardInfo(
         repo_name=os.path.basename(os.path.normpath(args.hub_model_id or args.output_dir)),
         repo_id=args.hub_model_id or public_name(args.output_dir, False),
@@ -569,6 +606,18 @@ def _local_paths(args, source):
     paths = [args.train_data_dir, args.output_dir, args.cache_dir, args.inception_weights]
     paths += [p for p in (source.path, args.dataset_name) if p and os.path.exists(p)]
     return [p for p in paths if p]
+
+
+def _feature_map(distiller, teacher, units, pruner, state):
+    """How the teacher's block outputs map onto the student's in the current stage (None without feature distillation)."""
+    if distiller is None or not distiller.blocks:
+        return None
+    if state["stage"] == "pruning":
+        return FeatureMap.for_masked(teacher, units, pruner.masks, distiller.blocks)
+    if state["masks"] is None:
+        raise ValueError("Feature distillation after the export needs the final masks, which this checkpoint does not hold "
+                         "(written before they were kept); resume without --distill_features or from a newer checkpoint.")
+    return FeatureMap.for_exported(teacher, units, state["masks"], distiller.blocks)
 
 
 def _save_masks(masks, units, args, path):
