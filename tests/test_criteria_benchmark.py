@@ -9,7 +9,7 @@ import torch
 
 from .conftest import load_script
 
-CRITERIA = ("gradient_flow", "diff_pruning", "taylor", "magnitude", "random")
+CRITERIA = ("gradient_flow:loss_change", "gradient_flow@one-shot", "magnitude@one-shot", "random")
 
 
 def load_benchmark():
@@ -24,14 +24,15 @@ def quick(tiny_teacher, tmp_path_factory):
     docs.mkdir()
     bench = load_benchmark()
     (docs / "benchmarks.md").write_text(
-        "# Benchmarks\n\nHand-written analysis that must survive.\n\n" + bench.BEGIN_MARK + "\nstale table\n" + bench.END_MARK
+        "# Benchmarks\n\nHand-written analysis that must survive.\n\n" + bench.begin_mark("criteria") + "\nstale table\n"
+        + bench.end_mark("criteria")
         + "\n\nMore hand-written text.\n"
     )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         results = bench.main(["--quick", "--teacher", tiny_teacher["pipeline"], "--output_dir", str(root / "out"),
-                              "--docs_dir", str(docs), "--seeds", "0"])
+                              "--docs_dir", str(docs), "--seeds", "0", "1", "--criteria", *CRITERIA])
     finally:
         torch.set_num_threads(threads)
     return {"results": results, "docs": docs, "out": root / "out"}
@@ -41,39 +42,48 @@ def test_every_criterion_ran_and_was_measured(quick):
     saved = json.loads((quick["docs"] / "benchmarks_criteria.json").read_text())
     assert saved == json.loads((quick["out"] / "criteria_results.json").read_text())
     assert saved["criteria"] == list(CRITERIA)
-    assert sorted((r["criterion"], r["seed"]) for r in saved["runs"]) == sorted((c, 0) for c in CRITERIA)
+    assert sorted((r["criterion"], r["seed"]) for r in saved["runs"]) == sorted((c, s) for c in CRITERIA for s in (0, 1))
     teacher = saved["teacher"]
     for run in saved["runs"]:
-        assert math.isfinite(run["fid_digits_classifier"]) and run["fid_digits_classifier"] >= 0
+        assert math.isfinite(run["fid"]) and run["fid"] >= 0
         assert 0 < run["ssim_vs_teacher"] <= 1
         assert 0 <= run["recognized_fraction"] <= 1
         assert 0 < run["params"] < teacher["params"] and 0 < run["macs"] < teacher["macs"]
         assert run["wall_seconds"] > 0 and run["pruning_stage_seconds"] > 0
-        assert run["fid_at_export"] is not None and math.isfinite(run["fid_at_export"])
-        assert [s for s, _ in run["fid_curve"]] == [2, 4]  # every validation step of the quick budget (export at 2)
+        assert [s for s, _ in run["fid_curve"]] == [2, 4]  # every validation step of the quick budget
+        # Progressive runs export at step 2, one-shot runs at step 0 (before any training).
+        assert run["criterion_config"] is not None
+        one_shot = run["criterion"].endswith("@one-shot")
+        assert run["fid_after_recovery"] is not None  # 2 steps after the export: step 4, or step 2 for one-shot runs
+        if one_shot:
+            assert run["fid_at_export"] is None
         assert len(run["loss_curve"]) == saved["config"]["max_train_steps"]
+        if run["criterion"] == "gradient_flow:loss_change":
+            assert run["criterion_config"]["form"] == "loss_change"
         if run["criterion"] == "random":  # prune.py gives the random criterion the run's seed
             assert run["criterion_config"] == {"seed": run["seed"]}
         assert os.path.isfile(os.path.join(run["run_dir"], "unet", "diffusion_pytorch_model.safetensors"))
         assert not [n for n in os.listdir(run["run_dir"]) if n.startswith("checkpoint-")]
-    # One seed: means without a spread.
     for criterion in CRITERIA:
         entry = saved["summary"][criterion]
-        assert entry["num_seeds"] == 1 and entry["fid_digits_classifier_std"] is None
-        assert math.isfinite(entry["fid_digits_classifier_mean"])
-    assert math.isfinite(saved["teacher"]["fid_digits_classifier"]) and math.isfinite(saved["real_floor"]["fid_digits_classifier"])
+        assert entry["num_seeds"] == 2 and math.isfinite(entry["fid_mean"]) and entry["fid_std"] is not None
+    assert math.isfinite(saved["teacher"]["fid"]) and math.isfinite(saved["real_floor"]["fid"])
+    # The candidate (first variant) against every other, paired by seed.
+    assert [c["other"] for c in saved["comparisons"]] == list(CRITERIA[1:])
+    for row in saved["comparisons"]:
+        assert row["seeds"] == [0, 1] and row["fid"]["n"] == 2 and row["fid"]["low"] <= row["fid"]["mean"] <= row["fid"]["high"]
 
 
 def test_report_has_the_table_plots_and_command(quick):
     text = (quick["docs"] / "benchmarks.md").read_text()
     bench = load_benchmark()
     assert "Hand-written analysis that must survive." in text and "More hand-written text." in text
-    assert "stale table" not in text and text.count(bench.BEGIN_MARK) == 1 and text.count(bench.END_MARK) == 1
+    assert "stale table" not in text and text.count(bench.begin_mark("criteria")) == 1 and text.count(bench.end_mark("criteria")) == 1
     assert "Command: `python benchmarks/criteria.py --quick" in text
     assert "NOT Inception" in text and "Wall time of the whole benchmark" in text
     for criterion in CRITERIA:
         assert f"\n| {criterion} |" in text
-    assert "| teacher (dense) |" in text
+    assert "| teacher (dense) |" in text and "Paired differences" in text
     for name in ("benchmarks_criteria_curves.png", "benchmarks_criteria_grid.png"):
         path = quick["docs"] / "images" / name
         assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -81,21 +91,33 @@ def test_report_has_the_table_plots_and_command(quick):
     assert not [n for n in os.listdir(quick["docs"] / "images") if ".tmp" in n]
 
 
-def test_summary_reports_mean_and_spread_over_seeds():
+def test_paired_comparisons_and_verdicts():
     bench = load_benchmark()
     keys = dict.fromkeys(bench.SUMMARY_KEYS, 1.0)
-    runs = [{**keys, "criterion": "gradient_flow", "seed": s, "fid_digits_classifier": f} for s, f in ((0, 10.0), (1, 14.0))]
-    runs += [{**keys, "criterion": "magnitude", "seed": s, "fid_digits_classifier": f} for s, f in ((0, 30.0), (1, 31.0))]
-    summary = bench.summarize(runs, ["gradient_flow", "magnitude"])
-    assert summary["gradient_flow"]["fid_digits_classifier_mean"] == pytest.approx(12.0)
-    assert summary["gradient_flow"]["fid_digits_classifier_std"] == pytest.approx(math.sqrt(8.0))  # sample std
-    assert summary["magnitude"]["num_seeds"] == 2
-    lines = bench._observations(summary, ["gradient_flow", "magnitude"])
-    assert lines[0].startswith("Ranking by mean final FID") and "lower FID for gradient_flow" in lines[1]
+    runs = [{**keys, "criterion": "a", "seed": s, "fid": f, "ssim_vs_teacher": q} for s, f, q in ((0, 10.0, 0.9), (1, 14.0, 0.8), (2, 12.0, 0.85))]
+    runs += [{**keys, "criterion": "b", "seed": s, "fid": f, "ssim_vs_teacher": q} for s, f, q in ((0, 30.0, 0.9), (1, 33.0, 0.8), (2, 32.0, 0.85))]
+    summary = bench.summarize(runs, ["a", "b"])
+    assert summary["a"]["fid_mean"] == pytest.approx(12.0) and summary["a"]["fid_std"] == pytest.approx(2.0)  # sample std
+    comparisons = bench.paired_comparisons(runs, ["a", "b"])
+    assert comparisons[0]["fid"]["mean"] == pytest.approx(-19.666, abs=1e-3) and comparisons[0]["fid"]["excludes_zero"]
+    assert not comparisons[0]["ssim_vs_teacher"]["excludes_zero"]  # identical SSIM: no difference
+    lines = bench._observations(summary, ["a", "b"], comparisons)
+    assert lines[0].startswith("Ranking by mean final FID") and "a vs b: FID better, SSIM not separated" in lines[2]
+
+
+@pytest.mark.parametrize("text, flags", [
+    ("gradient_flow", ["--criterion", "gradient_flow", "--process", "progressive"]),
+    ("gradient_flow:mask_flow@one-shot", ["--criterion", "gradient_flow", "--process", "one-shot", "--gradient_flow_form", "mask_flow"]),
+    ("taylor@one-shot", ["--criterion", "taylor", "--process", "one-shot"]),
+])
+def test_variants_become_prune_flags(text, flags):
+    assert load_benchmark().parse_variant(text)["flags"] == flags
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["--criteria", "gradient_flow", "nonsense"], "Unknown criteria"),
+    (["--criteria", "gradient_flow", "nonsense"], "Unknown criterion"),
+    (["--criteria", "taylor:preserve"], "only gradient_flow takes a form"),
+    (["--criteria", "taylor@twice"], "process after '@'"),
     (["--seeds", "0", "0"], "must not repeat"),
     (["--num_grid_images", "100"], "num_grid_images"),
     (["--pruning_steps", "10"], "pruning_steps"),
@@ -112,19 +134,20 @@ def test_diagnostics_on_a_tiny_teacher(tiny_teacher, tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        results = diagnostics.main(["--teacher", tiny_teacher["pipeline"], "--criteria", "gradient_flow", "magnitude",
-                                    "--num_batches", "2", "--batch_size", "2", "--num_eval_batches", "1",
-                                    "--output", str(tmp_path / "diagnostics.json")])
+        results = diagnostics.main(["--teacher", tiny_teacher["pipeline"], "--variants", "gradient_flow:loss_change", "magnitude",
+                                    "--sample_counts", "4", "8", "--batch_size", "4", "--one_shot_samples", "4",
+                                    "--eval_samples", "4", "--output", str(tmp_path / "diagnostics.json"),
+                                    "--plot", str(tmp_path / "reliability.png")])
     finally:
         torch.set_num_threads(threads)
-    assert json.loads((tmp_path / "diagnostics.json").read_text())["criteria"].keys() == {"gradient_flow", "magnitude"}
-    magnitude = results["criteria"]["magnitude"]
-    # Magnitude needs no data: every mini-batch gives the same scores and the same selection.
-    assert magnitude["score_rank_correlation_between_batches"] == pytest.approx(1.0)
-    assert magnitude["pruned_set_overlap_between_batches"] == 1.0
-    for entry in results["criteria"].values():
+    assert json.loads((tmp_path / "diagnostics.json").read_text())["variants"].keys() == {"gradient_flow:loss_change", "magnitude"}
+    assert (tmp_path / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Magnitude needs no data: both halves give the same scores.
+    assert results["variants"]["magnitude"]["reliability"] == {4: pytest.approx(1.0), 8: pytest.approx(1.0)}
+    for entry in results["variants"].values():
         assert math.isfinite(entry["one_shot_loss"]) and entry["one_shot_gradient_norm_sq"] > 0
-        assert -1 <= entry["score_rank_correlation_between_batches"] <= 1
-    assert 0 <= results["pruned_set_overlap_between_criteria"]["gradient_flow/magnitude"] <= 1
-    with pytest.raises(ValueError, match="num_batches"):
-        diagnostics.main(["--teacher", tiny_teacher["pipeline"], "--num_batches", "1"])
+        assert all(-1 <= r <= 1 for r in entry["reliability"].values())
+    with pytest.raises(ValueError, match="multiples of --batch_size"):
+        diagnostics.main(["--teacher", tiny_teacher["pipeline"], "--sample_counts", "6", "--batch_size", "4"])
+    with pytest.raises(ValueError, match="Unknown criterion"):
+        diagnostics.main(["--teacher", tiny_teacher["pipeline"], "--variants", "l1"])
