@@ -200,9 +200,10 @@ def main(argv=None):
         training.save_pipeline_into(pipeline, args.output_dir)
         images = sample_images(unet, DDIMScheduler.from_config(noise_scheduler.config), fixed_noise, args.num_inference_steps)
         make_grid(images, scale=4).save(os.path.join(args.output_dir, "samples.png"))
+        # A resume that only saves (no step left) has no loss of its own: None, not 0 or NaN.
         summary = {
-            "final_loss": loss_value,
-            "mean_loss_last_100_steps": sum(recent_losses) / max(1, len(recent_losses)),
+            "final_loss": loss_value if recent_losses else None,
+            "mean_loss_last_100_steps": sum(recent_losses) / len(recent_losses) if recent_losses else None,
             "steps": global_step,
             "steps_this_invocation": global_step - first_step,
             "wall_seconds_this_invocation": time.time() - started,
