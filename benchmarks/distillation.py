@@ -13,7 +13,9 @@ distillation term against a plain step (the pruning stage's masked dense student
 The full benchmark (writes ``docs/benchmarks.md`` between its markers, ``docs/images/benchmarks_distillation_*.png``
 and ``docs/benchmarks_distillation.json``):
 
-    nice -n 10 python benchmarks/distillation.py --reuse_runs
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/distillation.py --arms output --reuse_runs
+
+(one thread: on a machine shared with other jobs, two threads per process ran a step up to 20 times slower.)
 
 A smoke run in seconds (what the tests run, on a tiny teacher):
 
