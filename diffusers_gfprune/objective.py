@@ -98,9 +98,13 @@ def stratified_timesteps(
     timestep draw from the variance of a loss or gradient estimate (the per-timestep losses of a
     DDPM differ by orders of magnitude).
     """
-    offset = torch.rand((), generator=generator)
-    positions = (torch.arange(batch_size, dtype=torch.float64) + float(offset)) * num_train_timesteps / batch_size
-    return positions.floor().long().clamp_(0, num_train_timesteps - 1).to(device or "cpu")
+    if not 1 <= batch_size <= num_train_timesteps:
+        raise ValueError(f"Stratified timesteps need 1 <= batch size <= T = {num_train_timesteps}, got {batch_size}.")
+    offset = float(torch.rand((), generator=generator))
+    # Integer stratum boundaries floor(i T / B): every timestep lies inside its own stratum.
+    bounds = torch.div(torch.arange(batch_size + 1) * num_train_timesteps, batch_size, rounding_mode="floor")
+    widths = bounds[1:] - bounds[:-1]
+    return (bounds[:-1] + (offset * widths).long()).to(device or "cpu")
 
 
 def make_loss(

@@ -163,12 +163,13 @@ def test_g_and_hg_come_from_disjoint_images(monkeypatch):
         criterion.score(model, units, [tiny_loss(model, batch=1)])
 
 
-@pytest.mark.parametrize("batch", [1, 7, 64, 1000])
+@pytest.mark.parametrize("batch", [1, 7, 64, 333, 1000])
 def test_stratified_timesteps_cover_every_stratum(batch):
     timesteps = stratified_timesteps(batch, 1000, torch.Generator().manual_seed(batch))
     assert timesteps.min() >= 0 and timesteps.max() < 1000
-    strata = (timesteps.double() * batch / 1000).floor().long()
-    assert sorted(strata.tolist()) == list(range(batch))  # exactly one timestep in each of the batch's strata
+    bounds = [i * 1000 // batch for i in range(batch + 1)]
+    # Exactly one timestep in each of the batch's strata [floor(i T / B), floor((i + 1) T / B)).
+    assert all(bounds[i] <= int(t) < bounds[i + 1] for i, t in enumerate(timesteps))
 
 
 def test_scoring_draws_are_fixed_unless_resampled():
