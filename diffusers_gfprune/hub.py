@@ -69,6 +69,8 @@ class CardInfo:
     grid_sampler: str = "DDIM, 100 steps, eta 0"
     repo_id: Optional[str] = None
     local_paths: List[str] = field(default_factory=list)  # the run's folders, named by base name only in the card
+    criterion_note: Optional[str] = None  # what the criterion ranks by (default: from the criterion's name)
+    process: str = "progressive"  # or "one-shot": pruned at step 0, exported, fine-tuned
 
 
 def _human(n: float) -> str:
@@ -229,7 +231,7 @@ def make_model_card(info: CardInfo):
         metrics_section=metrics_section,
         dataset_display=f"`{info.dataset}`",
         criterion=info.criterion,
-        criterion_note=" (gradient flow: units whose removal most increases the gradient norm go first)" if info.criterion == "gradient_flow" else "",
+        criterion_note=(f" ({info.criterion_note})" if info.criterion_note else ""),
         target_description=info.target_description,
         sparsity=f"{info.sparsity:.4g}",
         layout=info.layout,
@@ -239,6 +241,13 @@ def make_model_card(info: CardInfo):
         sparsity_schedule=info.sparsity_schedule,
         mask_schedule=info.mask_schedule,
         max_train_steps=info.max_train_steps,
+        schedule_line=(
+            f"one shot: the dense teacher scored once, pruned and exported at step 0, then fine-tuned to step {info.max_train_steps}."
+            if info.process == "one-shot" else
+            f"progressive soft phase for {info.soft_steps} steps (sparsity `{info.sparsity_schedule}`, mask value "
+            f"`{info.mask_schedule}`),\n  hard phase with reactivation to step {info.pruning_steps}, re-scoring every "
+            f"{info.rescore_every} steps; export at step {info.pruning_steps}, then fine-tuning to step {info.max_train_steps}."
+        ),
         reembedding_line=reembedding_line,
         hyperparameters=hyper or "-",
     )

@@ -120,6 +120,19 @@ def parse_args(argv=None):
     return training.resolve_data_arguments(parser.parse_args(argv))
 
 
+# What each criterion ranks by, for the card.
+CRITERION_NOTES = {
+    "increase": "the paper's reading: units whose removal most increases the gradient norm go first",
+    "preserve": "units whose removal changes the gradient norm least go first",
+    "loss_change": "units whose removal the second-order expansion of the loss predicts to raise it least go first",
+    "mask_flow": "units whose masks carry the least of the gradient flow over the training steps go first",
+    "taylor": "units with the smallest first-order loss change |theta . g| go first",
+    "diff_pruning": "Taylor scores over the low-noise timesteps (Diff-Pruning)",
+    "magnitude": "units with the smallest weight norm go first",
+    "random": "units chosen at random",
+}
+
+
 def pruning_config(args) -> PrunerConfig:
     if args.process == "one-shot":
         if args.max_train_steps < 1:
@@ -577,7 +590,9 @@ def write_model_card(args, source, data_config, config, summary, comparison=None
         base_model_on_hub=on_hub,
         dataset=dataset,
         dataset_on_hub=dataset_on_hub,
-        criterion=args.criterion,
+        criterion=args.criterion if args.criterion != "gradient_flow" else f"gradient_flow ({args.gradient_flow_form})",
+        criterion_note=CRITERION_NOTES.get(args.gradient_flow_form if args.criterion == "gradient_flow" else args.criterion),
+        process=args.process,
         layout=args.layout,
         target_description=target,
         sparsity=summary["unit_sparsity"] if summary.get("unit_sparsity") is not None else args.target_sparsity,
