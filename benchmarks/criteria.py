@@ -28,6 +28,8 @@ import shutil
 import sys
 import time
 
+from typing import Optional
+
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -178,7 +180,7 @@ def run_argv(args, criterion: str, seed: int, output_dir: str) -> list:
     for flag in ("soft_steps", "pruning_steps", "rescore_every", "score_batch_size", "diff_pruning_timesteps"):
         if getattr(args, flag) is not None:
             argv += [f"--{flag}", str(getattr(args, flag))]
-    return argv + args.prune_args.split()
+    return argv + (getattr(args, "prune_args", "") or "").split()
 
 
 def run_one(args, criterion: str, seed: int) -> dict:
@@ -263,11 +265,11 @@ def validation_fid_of_teacher(args, teacher, scheduler, seeds, reference) -> flo
 
 
 # ---------------------------------------------------------------------- per-run numbers from the history
-def history_numbers(history: list, pruning_steps: int, recovery_steps: int) -> dict:
+def history_numbers(history: list, pruning_steps: int, recovery_steps: Optional[int] = None) -> dict:
     """FID at the export step and ``recovery_steps`` after it, training loss around the export and at the end."""
     fids = [(h["step"], v) for h in history for k, v in h.items() if k.startswith("fid_")]
     at_export = [v for s, v in fids if s == pruning_steps]
-    recovered = [v for s, v in fids if s == pruning_steps + recovery_steps]
+    recovered = [v for s, v in fids if recovery_steps is not None and s == pruning_steps + recovery_steps]
     hard = [h["loss"] for h in history if h["phase"] == "hard"][-10:]
     after = [h["loss"] for h in history if h["phase"] == "finetune"][:10]
     tail = [h["loss"] for h in history[-max(1, len(history) // 10):]]

@@ -471,7 +471,8 @@ def main(argv=None):
         images = crit.sample(unet, scheduler, noise, args.num_inference_steps, f"{done['criterion']} {done['arm']} {done['seed']}")
         s = done["summary"]
         if digits(args):
-            measured = crit.measure(images, teacher_images, reference)
+            measured = crit.measure(images, teacher_images, reference, "digits")
+            measured["fid_digits_classifier"] = measured.pop("fid")
         else:
             measured = {"fid_digits_classifier": None, "ssim_vs_teacher": evaluation.ssim_vs_teacher(teacher_images, images),
                         "recognized_fraction": None}
