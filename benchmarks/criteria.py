@@ -24,6 +24,7 @@ import importlib.util
 import json
 import math
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -530,7 +531,7 @@ def _machine() -> str:
 # ---------------------------------------------------------------------- main
 def main(argv=None):
     args = parse_args(argv)
-    command = "python benchmarks/criteria.py" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(
+    command = "python benchmarks/criteria.py" + ("" if argv is None and len(sys.argv) == 1 else " " + shlex.join(
         sys.argv[1:] if argv is None else argv))
     source = validate(args)
     code_version = _code_version()  # now: the modules are imported at the start of the run
