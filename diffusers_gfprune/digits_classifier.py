@@ -40,8 +40,7 @@ __all__ = [
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "digits_classifier")
 """Folder of the shipped classifier: ``model.safetensors`` and ``config.json``."""
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
+from .classifier_files import CONFIG_NAME, WEIGHTS_NAME, load_classifier, to_model_range, unit_range_images  # noqa: E402
 
 _ARCHITECTURE = "DigitsClassifier"
 _CONFIG_KEYS = ("in_channels", "resolution", "num_classes", "channels", "feature_dim")
@@ -160,30 +159,10 @@ def to_classifier_input(images: torch.Tensor, resolution: int = 16) -> torch.Ten
     -------
     torch.Tensor
     """
-    if not torch.is_tensor(images) or images.dim() != 4 or images.shape[1] not in (1, 3):
-        shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
-        raise ValueError(
-            f"Expected images as a tensor (B, C, H, W) with C = 1 or 3, got {shape}. Generated samples from "
-            f"sample_images() already have this layout."
-        )
-    if images.dtype == torch.uint8:
-        x = images.float() / 255.0
-    elif images.is_floating_point():
-        x = images.float()
-        lo, hi = float(x.min()), float(x.max())
-        if lo < -1e-3 or hi > 1 + 1e-3:
-            raise ValueError(
-                f"Float images must be in [0, 1] (as sample_images returns them), got values in [{lo:.3g}, {hi:.3g}]. "
-                f"Map images in [-1, 1] with (x + 1) / 2 first."
-            )
-        x = x.clamp(0.0, 1.0)
-    else:
-        raise ValueError(f"Images must be uint8 (0..255) or floating point in [0, 1], got dtype {images.dtype}.")
+    x = unit_range_images(images, (1, 3), "The digits classifier")
     if x.shape[1] == 3:
         x = x.mean(dim=1, keepdim=True)
-    if x.shape[-2:] != (resolution, resolution):
-        x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True)
-    return x * 2.0 - 1.0
+    return to_model_range(x, resolution)
 
 
 def load_digits_classifier(
@@ -212,40 +191,8 @@ def load_digits_classifier(
     ValueError
         When the config or the weights do not describe a :class:`DigitsClassifier`.
     """
-    from safetensors.torch import load_file
-
-    path = os.fspath(path) if path is not None else ASSETS_DIR
-    if os.path.isdir(path):
-        folder, weights = path, os.path.join(path, WEIGHTS_NAME)
-    else:
-        folder, weights = os.path.dirname(os.path.abspath(path)), path
-    config_path = os.path.join(folder, CONFIG_NAME)
     how = (
         "Train it with `python training/train_digits_classifier.py` (writes both files into "
         f"{ASSETS_DIR}), or pass the folder of a classifier saved by that script."
     )
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"Digits classifier path {path!r} does not exist. {how}")
-    if not weights.endswith(".safetensors"):
-        raise ValueError(f"The digits classifier is loaded from safetensors only; got {weights!r}. {how}")
-    for needed in (weights, config_path):
-        if not os.path.isfile(needed):
-            raise FileNotFoundError(f"Digits classifier file {needed!r} does not exist. {how}")
-    with open(config_path, encoding="utf-8") as f:
-        config = json.load(f)
-    if config.get("architecture") != _ARCHITECTURE or any(k not in config for k in _CONFIG_KEYS):
-        raise ValueError(
-            f"{config_path!r} does not describe a {_ARCHITECTURE} (needs 'architecture': {_ARCHITECTURE!r} and keys "
-            f"{_CONFIG_KEYS}). {how}"
-        )
-    model = DigitsClassifier(**{k: config[k] for k in _CONFIG_KEYS})
-    state_dict = load_file(weights)
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as err:
-        raise ValueError(f"The weights in {weights!r} do not fit the architecture in {config_path!r}: {err}") from err
-    model.requires_grad_(False)
-    model.eval()
-    if device is not None:
-        model.to(device)
-    return model
+    return load_classifier(DigitsClassifier, path, ASSETS_DIR, _ARCHITECTURE, _CONFIG_KEYS, "digits classifier", how, device)

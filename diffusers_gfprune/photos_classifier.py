@@ -38,8 +38,7 @@ __all__ = [
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "photos_classifier")
 """Folder of the shipped classifier: ``model.safetensors`` and ``config.json``."""
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
+from .classifier_files import CONFIG_NAME, WEIGHTS_NAME, load_classifier, to_model_range, unit_range_images  # noqa: E402
 
 _ARCHITECTURE = "PhotosClassifier"
 _CONFIG_KEYS = ("in_channels", "resolution", "num_classes", "channels", "feature_dim")
@@ -136,28 +135,10 @@ def to_photos_classifier_input(images: torch.Tensor, resolution: int = 32) -> to
     resolution : int, default 32
         The classifier's input size.
     """
-    if not torch.is_tensor(images) or images.dim() != 4 or images.shape[1] != 3:
-        shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
-        raise ValueError(
-            f"The photos classifier takes colour images as a tensor (B, 3, H, W), got {shape}. For 1-channel "
-            f"images use the digits classifier (feature extractor 'digits-classifier')."
-        )
-    if images.dtype == torch.uint8:
-        x = images.float() / 255.0
-    elif images.is_floating_point():
-        x = images.float()
-        lo, hi = float(x.min()), float(x.max())
-        if lo < -1e-3 or hi > 1 + 1e-3:
-            raise ValueError(
-                f"Float images must be in [0, 1] (as sample_images returns them), got values in [{lo:.3g}, {hi:.3g}]. "
-                f"Map images in [-1, 1] with (x + 1) / 2 first."
-            )
-        x = x.clamp(0.0, 1.0)
-    else:
-        raise ValueError(f"Images must be uint8 (0..255) or floating point in [0, 1], got dtype {images.dtype}.")
-    if x.shape[-2:] != (resolution, resolution):
-        x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True)
-    return x * 2.0 - 1.0
+    if torch.is_tensor(images) and images.dim() == 4 and images.shape[1] == 1:
+        raise ValueError("The photos classifier takes colour images (B, 3, H, W); for 1-channel images use the digits "
+                         "classifier (feature extractor 'digits-classifier').")
+    return to_model_range(unit_range_images(images, (3,), "The photos classifier"), resolution)
 
 
 def load_photos_classifier(
@@ -181,35 +162,8 @@ def load_photos_classifier(
     ValueError
         When the files do not describe a :class:`PhotosClassifier` or are not safetensors.
     """
-    from safetensors.torch import load_file
-
-    path = os.fspath(path) if path is not None else ASSETS_DIR
-    folder, weights = (path, os.path.join(path, WEIGHTS_NAME)) if os.path.isdir(path) else (
-        os.path.dirname(os.path.abspath(path)), path)
-    config_path = os.path.join(folder, CONFIG_NAME)
     how = (
         "Train it with `python training/train_photos_classifier.py` (writes both files into "
         f"{ASSETS_DIR}), or pass the folder of a classifier saved by that script."
     )
-    if not weights.endswith(".safetensors"):
-        raise ValueError(f"The photos classifier is loaded from safetensors only; got {weights!r}. {how}")
-    for needed in (weights, config_path):
-        if not os.path.isfile(needed):
-            raise FileNotFoundError(f"Photos classifier file {needed!r} does not exist. {how}")
-    with open(config_path, encoding="utf-8") as f:
-        config = json.load(f)
-    if config.get("architecture") != _ARCHITECTURE or any(k not in config for k in _CONFIG_KEYS):
-        raise ValueError(
-            f"{config_path!r} does not describe a {_ARCHITECTURE} (needs 'architecture': {_ARCHITECTURE!r} and keys "
-            f"{_CONFIG_KEYS}). {how}"
-        )
-    model = PhotosClassifier(**{k: config[k] for k in _CONFIG_KEYS})
-    try:
-        model.load_state_dict(load_file(weights), strict=True)
-    except RuntimeError as err:
-        raise ValueError(f"The weights in {weights!r} do not fit the architecture in {config_path!r}: {err}") from err
-    model.requires_grad_(False)
-    model.eval()
-    if device is not None:
-        model.to(device)
-    return model
+    return load_classifier(PhotosClassifier, path, ASSETS_DIR, _ARCHITECTURE, _CONFIG_KEYS, "photos classifier", how, device)
