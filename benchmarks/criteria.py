@@ -53,7 +53,22 @@ def end_mark(name: str) -> str:
 
 
 def parse_variant(text: str) -> dict:
-    """``"gradient_flow:loss_change@one-shot"`` -> criterion, gradient-flow form and process (prune.py's flags)."""
+    """``"gradient_flow:loss_change@one-shot"`` -> criterion, gradient-flow form and process (prune.py's flags).
+
+    Any other prune.py option of the variant follows as ``+name=value`` (``magnitude+reactivation=off``,
+    ``gradient_flow+soft_steps=15``), so that an ablation is a paired comparison in one benchmark.
+    """
+    text, *options = text.split("+")
+    extra = []
+    for option in options:
+        key, eq, value = option.partition("=")
+        if not eq or not key or not value or not key.replace("_", "").isalnum():
+            raise ValueError(f"{option!r}: a variant's extra option is written +name=value (prune.py's --name), "
+                             f"e.g. magnitude+reactivation=off.")
+        if key in ("criterion", "process", "gradient_flow_form", "seed"):
+            raise ValueError(f"+{key}=...: write the criterion, form and process as criterion[:form][@process]; "
+                             "the seeds come from --seeds.")
+        extra += [f"--{key}", value]
     head, _, process = text.partition("@")
     name, _, form = head.partition(":")
     process = process or "progressive"
@@ -66,11 +81,11 @@ def parse_variant(text: str) -> dict:
     flags = ["--criterion", name, "--process", process]
     if form:
         flags += ["--gradient_flow_form", form]
-    return {"criterion": name, "form": form or None, "process": process, "flags": flags}
+    return {"criterion": name, "form": form or None, "process": process, "flags": flags + extra}
 
 
 def variant_dir(text: str) -> str:
-    return text.replace(":", "-").replace("@", "_")
+    return text.replace(":", "-").replace("@", "_").replace("+", "__").replace("=", "-")
 
 # The budget of the full benchmark (see docs/benchmarks.md for why) and of --quick (a smoke test in seconds).
 FULL = {"max_train_steps": 300, "train_batch_size": 32, "soft_steps": None, "pruning_steps": None, "rescore_every": 6,
@@ -150,7 +165,8 @@ def validate(args):
     source = resolve_teacher(args.teacher)
     # prune.py checks the rest of every run's arguments (phase lengths, the MACs target) before its heavy work.
     prune = load_prune()
-    prune.validate(prune.parse_args(run_argv(args, args.criteria[0], args.seeds[0], os.path.join(args.output_dir, ".check"))))
+    for variant in args.criteria:  # every variant's own options too
+        prune.validate(prune.parse_args(run_argv(args, variant, args.seeds[0], os.path.join(args.output_dir, ".check"))))
     return source
 
 

@@ -105,9 +105,9 @@ class PrunerConfig:
             )
         if self.process == "progressive" and not 1 <= self.rescore_every <= self.soft_steps:
             raise ValueError(f"rescore_every must lie in [1, soft_steps={self.soft_steps}], got {self.rescore_every}.")
-        for kind in (self.sparsity_schedule, self.mask_schedule):
+        for name, kind in (("sparsity_schedule", self.sparsity_schedule), ("mask_schedule", self.mask_schedule)):
             if kind not in schedules.SCHEDULES:
-                raise ValueError(f"Unknown schedule {kind!r}; choose one of {schedules.SCHEDULES}.")
+                raise ValueError(f"Unknown {name} {kind!r}; choose one of {schedules.SCHEDULES}.")
         if self.selection not in SELECTIONS:
             raise ValueError(f"Unknown selection {self.selection!r}; choose one of {SELECTIONS}.")
         if not 0 <= self.score_ema < 1:

@@ -109,6 +109,9 @@ def test_paired_comparisons_and_verdicts():
     ("gradient_flow", ["--criterion", "gradient_flow", "--process", "progressive"]),
     ("gradient_flow:mask_flow@one-shot", ["--criterion", "gradient_flow", "--process", "one-shot", "--gradient_flow_form", "mask_flow"]),
     ("taylor@one-shot", ["--criterion", "taylor", "--process", "one-shot"]),
+    ("gradient_flow+reactivation=off+soft_steps=15",
+     ["--criterion", "gradient_flow", "--process", "progressive", "--reactivation", "off", "--soft_steps", "15"]),
+    ("magnitude@one-shot+target_macs=0.3", ["--criterion", "magnitude", "--process", "one-shot", "--target_macs", "0.3"]),
 ])
 def test_variants_become_prune_flags(text, flags):
     assert load_benchmark().parse_variant(text)["flags"] == flags
@@ -118,6 +121,9 @@ def test_variants_become_prune_flags(text, flags):
     (["--criteria", "gradient_flow", "nonsense"], "Unknown criterion"),
     (["--criteria", "taylor:preserve"], "only gradient_flow takes a form"),
     (["--criteria", "taylor@twice"], "process after '@'"),
+    (["--criteria", "magnitude+reactivation"], r"\+name=value"),
+    (["--criteria", "magnitude+process=one-shot"], "criterion\\[:form\\]\\[@process\\]"),
+    (["--criteria", "magnitude", "magnitude+sparsity_schedule=wobbly"], "sparsity_schedule"),
     (["--seeds", "0", "0"], "must not repeat"),
     (["--num_grid_images", "100"], "num_grid_images"),
     (["--pruning_steps", "10"], "pruning_steps"),
