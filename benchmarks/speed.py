@@ -945,7 +945,7 @@ def parse_args(argv=None):
                         help="train_batch_size of the cost measurement (default: digits 64 as prune.py; cifar10 4 and "
                              "church256 1, what a 2-core CPU does in minutes).")
     parser.add_argument("--overhead_macs", type=float, default=0.5, help="MAC fraction of the pruning target (prune.py's default).")
-    parser.add_argument("--score_batches", type=int, default=2, help="Mini-batches per scoring (prune.py's --score_batches).")
+    parser.add_argument("--score_batches", type=int, default=4, help="Mini-batches per scoring (prune.py's --score_batches).")
     parser.add_argument("--direct_overhead", nargs="*", default=[],
                         help="Architectures whose whole pruning stage is also timed step by step, next to plain fine-tune "
                              "steps (slow: M + 1 steps of each; e.g. digits, about 5 minutes on 2 CPU cores).")

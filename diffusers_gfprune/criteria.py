@@ -66,7 +66,7 @@ GRADIENT_FLOW_FORMS = ("increase", "preserve", "loss_change", "mask_flow")
 @dataclass
 class GradientFlowConfig:
     form: str = field(
-        default="increase",
+        default="loss_change",  # prune.py's default (docs/benchmarks.md: the only form that replicates at 256 samples)
         metadata={"help": "Which member of the gradient-flow family ranks the units: 'increase' (the paper: prune the "
                   "lowest theta.Hg, whose removal raises ||g||^2 most), 'preserve' (prune the lowest |theta.Hg|, "
                   "Lubana & Dick), 'loss_change' (prune the lowest -theta.g + 1/2 theta.H theta, the predicted "

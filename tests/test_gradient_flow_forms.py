@@ -144,7 +144,7 @@ def test_g_and_hg_come_from_disjoint_images(monkeypatch):
     units = find_units(model)
     loss = tiny_loss(model, batch=8)
     seen = {}
-    criterion = get_criterion("gradient_flow")
+    criterion = get_criterion("gradient_flow", form="increase")
     gradient, hvp = criterion.gradient, criterion.hessian_vector_product
 
     def spy(kind, fn):

@@ -53,8 +53,8 @@ def test_exact_and_finite_difference_modes_rank_alike():
     model = build("tiny_1ch_16px")
     units = find_units(model)
     loss = tiny_loss(model)
-    exact = get_criterion("gradient_flow").score(model, units, [loss])
-    fd = get_criterion("gradient_flow", hvp="finite_difference").score(model, units, [loss])
+    exact = get_criterion("gradient_flow", form="increase").score(model, units, [loss])
+    fd = get_criterion("gradient_flow", form="increase", hvp="finite_difference").score(model, units, [loss])
     rho = spearmanr(flat(exact.values()), flat(fd.values())).statistic
     print(f"\nexact vs finite-difference unit scores: Spearman {rho:.4f}")
     assert rho >= 0.9
@@ -88,7 +88,7 @@ def test_gradient_flow_predicts_the_change_of_gradient_norm(tiny64):
     """-2 I_u predicts G(theta with unit u removed) - G(theta): the sign and the product are right."""
     model, units, loss = tiny64
     # g and H g from the same images: the identity holds for the loss they come from.
-    scores = get_criterion("gradient_flow", disjoint=False).score(model, units, [loss])
+    scores = get_criterion("gradient_flow", form="increase", disjoint=False).score(model, units, [loss])
     params = _params(model)
 
     def grad_norm2():
