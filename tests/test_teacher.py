@@ -40,3 +40,30 @@ def test_teacher_samples_are_recognized_digits():
     assert seen["recognized_fraction"] >= 0.7, seen
     assert sum(count > 0 for count in seen["label_counts"]) >= 8, seen["label_counts"]  # not one digit over and over
     assert seen["label_entropy_bits"] >= 2.8, seen  # uniform over 10 digits: 3.32 bits
+
+
+def test_clip_sample_is_saved_with_the_scheduler_and_reaches_the_samplers(tmp_path):
+    """--no-clip_sample is written into the teacher's scheduler config, which every DDIM sampler of the project
+    (evaluation, prune.py, the benchmarks) builds from, so it changes what the samples are."""
+    from diffusers import DDIMScheduler, DDPMPipeline
+
+    from .conftest import TINY_TEACHER_ARGS, load_script
+
+    train = load_script("train_ddpm")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for flag, expected in (("--clip_sample", True), ("--no-clip_sample", False)):
+            out = tmp_path / flag.strip("-")
+            train.main(["--dataset_name", "digits", "--output_dir", str(out), *TINY_TEACHER_ARGS, flag])
+            scheduler = DDPMPipeline.from_pretrained(str(out)).scheduler
+            assert scheduler.config.clip_sample is expected
+            assert DDIMScheduler.from_config(scheduler.config).config.clip_sample is expected
+    finally:
+        torch.set_num_threads(threads)
+    # The same untrained model from the same noise: clipping changes the samples.
+    pipelines = [DDPMPipeline.from_pretrained(str(tmp_path / name)) for name in ("clip_sample", "no-clip_sample")]
+    unet = pipelines[0].unet.eval()
+    a, _ = paired_samples(unet, unet, pipelines[0].scheduler, 4, num_inference_steps=5, seed=0)
+    b, _ = paired_samples(unet, unet, pipelines[1].scheduler, 4, num_inference_steps=5, seed=0)
+    assert not torch.allclose(a, b)

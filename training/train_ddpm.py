@@ -48,6 +48,10 @@ def parse_args(argv=None):
     model.add_argument("--norm_num_groups", type=int, default=16, help="GroupNorm groups.")
     model.add_argument("--num_train_timesteps", type=int, default=1000, help="Diffusion steps of the scheduler.")
     model.add_argument("--beta_schedule", type=str, default="linear", help="Beta schedule of the DDPMScheduler.")
+    model.add_argument("--clip_sample", action=argparse.BooleanOptionalAction, default=True,
+                       help="The saved scheduler clips its x0 prediction to [-1, 1] while sampling (diffusers' default). "
+                            "--no-clip_sample for an under-trained model: with clipping, DDIM's few large early steps pull "
+                            "every sample of such a model to the data's mean colour (docs/teacher.md). Training is unchanged.")
     return training.resolve_data_arguments(parser.parse_args(argv))
 
 
@@ -95,7 +99,7 @@ def main(argv=None):
     model = build_model(args)
     noise_scheduler = DDPMScheduler(
         num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule,
-        prediction_type=args.prediction_type or "epsilon",
+        prediction_type=args.prediction_type or "epsilon", clip_sample=args.clip_sample,
     )
     ema = training.create_ema(model, args) if args.use_ema else None
     optimizer = training.create_optimizer(model, args)
