@@ -42,6 +42,9 @@ def parse_args(argv=None):
     parser.add_argument("--num_images", type=int, default=256, help="Images per row.")
     parser.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps (eta 0).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the teacher's initial noise.")
+    parser.add_argument("--clip_sample", type=str, default="config", choices=["config", "on", "off"],
+                        help="DDIM's x0 clipping: as the teacher's scheduler config says, or forced on / off (to choose the "
+                             "config's value by FID; train_ddpm.py --no-clip_sample).")
     parser.add_argument("--output_json", type=str, default=None)
     parser.add_argument("--grid", type=str, default=None, help="PNG of 16 teacher samples above 16 real training images.")
     return parser.parse_args(argv)
@@ -60,7 +63,8 @@ def main(argv=None):
 
     started = time.time()
     noise = torch.randn((args.num_images, unet.config.in_channels, size, size), generator=torch.Generator().manual_seed(args.seed))
-    ddim = DDIMScheduler.from_config(pipeline.scheduler.config)
+    clip = {"config": {}, "on": {"clip_sample": True}, "off": {"clip_sample": False}}[args.clip_sample]
+    ddim = DDIMScheduler.from_config(pipeline.scheduler.config, **clip)
     from tqdm.auto import tqdm
 
     samples = torch.cat([sample_images(unet, ddim, chunk, args.num_inference_steps) for chunk in tqdm(noise.split(64), desc="teacher samples")])
@@ -84,7 +88,7 @@ def main(argv=None):
         "metric": evaluation.METRIC_DISPLAY_NAMES[key],
         "reference": f"{reference.name} (all held-out images)",
         "num_images": args.num_images,
-        "sampler": f"DDIM {args.num_inference_steps} steps, eta 0, seed {args.seed}",
+        "sampler": f"DDIM {args.num_inference_steps} steps, eta 0, clip_sample {ddim.config.clip_sample}, seed {args.seed}",
         "sampling_seconds": round(sampling_seconds, 1),
         "rows": results,
     }

@@ -67,3 +67,16 @@ def test_clip_sample_is_saved_with_the_scheduler_and_reaches_the_samplers(tmp_pa
     a, _ = paired_samples(unet, unet, pipelines[0].scheduler, 4, num_inference_steps=5, seed=0)
     b, _ = paired_samples(unet, unet, pipelines[1].scheduler, 4, num_inference_steps=5, seed=0)
     assert not torch.allclose(a, b)
+
+
+def test_teacher_fid_script_records_the_sampler_it_used(tiny_teacher, tmp_path):
+    """benchmarks/teacher_fid.py: forcing DDIM's clipping off is recorded, and the three rows are measured."""
+    from .conftest import load_script
+
+    out = tmp_path / "fid.json"
+    result = load_script("teacher_fid", "benchmarks").main([
+        "--teacher", tiny_teacher["pipeline"], "--dataset_name", "digits", "--num_images", "8",
+        "--num_inference_steps", "2", "--clip_sample", "off", "--output_json", str(out)])
+    assert "clip_sample False" in result["sampler"] and json.load(open(out))["sampler"] == result["sampler"]
+    assert set(result["rows"]) == {"teacher", "real training (floor)"}
+    assert all(row["fid"] >= 0 and row["num_images"] == 8 for row in result["rows"].values())
