@@ -157,3 +157,45 @@ def test_diagnostics_on_a_tiny_teacher(tiny_teacher, tmp_path):
         diagnostics.main(["--teacher", tiny_teacher["pipeline"], "--sample_counts", "6", "--batch_size", "4"])
     with pytest.raises(ValueError, match="Unknown criterion"):
         diagnostics.main(["--teacher", tiny_teacher["pipeline"], "--variants", "l1"])
+
+
+def _benchmark_json(criteria, fid, ssim, candidate_deltas):
+    """A criteria benchmark's JSON as the rule reads it: summary means and the candidate's paired comparisons."""
+    summary = {v: {"fid_mean": f, "ssim_vs_teacher_mean": q, "pruning_stage_seconds_mean": 1.0}
+               for v, f, q in zip(criteria, fid, ssim)}
+    comparisons = [{"candidate": criteria[0], "other": v,
+                    "fid": {"mean": d[0], "low": d[0] - 1, "high": d[0] + 1, "excludes_zero": abs(d[0]) > 1},
+                    "ssim_vs_teacher": {"mean": d[1], "low": d[1] - 0.01, "high": d[1] + 0.01, "excludes_zero": "False"}}
+                   for v, d in zip(criteria[1:], candidate_deltas)]
+    return {"criteria": list(criteria), "summary": summary, "comparisons": comparisons}
+
+
+@pytest.mark.parametrize("first, second, winner", [
+    # a wins both metrics on both teachers
+    (([1.0, 2.0, 3.0], [0.9, 0.8, 0.7]), ([1.0, 2.0, 3.0], [0.9, 0.8, 0.7]), "a"),
+    # b best on both metrics of the second teacher, a on FID of the first only: b (1.25) beats a (1.75)
+    (([1.0, 2.0, 3.0], [0.8, 0.9, 0.7]), ([2.0, 1.0, 3.0], [0.8, 0.9, 0.7]), "b"),
+    # equal scores: the cheaper variant (here: the same cost, so the first in the order of ties)
+    (([1.0, 2.0, 3.0], [0.8, 0.9, 0.7]), ([2.0, 1.0, 3.0], [0.9, 0.8, 0.7]), "a"),
+])
+def test_decision_rule_ranks_shared_variants_over_teachers(first, second, winner, tmp_path):
+    rule = load_script("criteria_rule", "benchmarks")
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "benchmarks.md").write_text("# Benchmarks\n\nkept\n")
+    # "x" is measured on the first teacher only: it takes no part in the rule.
+    (docs / "benchmarks_one.json").write_text(json.dumps(_benchmark_json(("a", "b", "c", "x"), first[0] + [0.1], first[1] + [1.0],
+                                                                        [(2.0, 0.0), (-3.0, 0.0), (0.0, 0.0)])))
+    (docs / "benchmarks_two.json").write_text(json.dumps(_benchmark_json(("a", "b", "c"), *second, [(0.5, 0.0), (0.5, 0.0)])))
+    result = rule.main(["--benchmarks", "one", "two", "--docs_dir", str(docs)])
+    assert result["winner"] == winner and result["variants"] == ["a", "b", "c"]
+    text = (docs / "benchmarks.md").read_text()
+    assert "kept" in text and f"**Winner by the rule: `{winner}`.**" in text
+    assert "| b | +2.00 [+1.00, +3.00] lost" in text and "| c | -3.00 [-4.00, -2.00] won" in text
+    rule.main(["--benchmarks", "one", "two", "--docs_dir", str(docs)])  # a second run replaces its section
+    assert (docs / "benchmarks.md").read_text().count("Winner by the rule") == 1
+
+
+def test_decision_rule_needs_the_benchmarks_it_names(tmp_path):
+    with pytest.raises(FileNotFoundError, match="criteria.py --name missing"):
+        load_script("criteria_rule", "benchmarks").main(["--benchmarks", "missing", "--docs_dir", str(tmp_path)])
