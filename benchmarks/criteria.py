@@ -391,7 +391,7 @@ def write_report(results: dict, args, docs_dir: str, curves_png: str, grid_png: 
         "",
         f"Budget per run: {c['max_train_steps']} steps at batch {c['train_batch_size']}, soft phase to step "
         f"{c['soft_steps']}, export at step {c['pruning_steps']} (re-scoring every {c['rescore_every']} steps on "
-        f"{c['score_batches']} mini-batches), then fine-tuning with EMA; target {c['target_macs']:.0%} of the dense MACs, "
+        f"{c['score_batches']} mini-batches of {c['score_batch_size']}), then fine-tuning with EMA; target {c['target_macs']:.0%} of the dense MACs, "
         f"{c['layout']} layout (unit sparsity {c['target_sparsity']:.4g}); seeds {', '.join(map(str, c['seeds']))}"
         + (f"; every run also `{c['prune_args']}`." if c['prune_args'] else ".") + " Variants are "
         "criterion[:gradient-flow form][@process]; one-shot variants prune the dense teacher at step 0 and fine-tune "
@@ -611,6 +611,9 @@ def main(argv=None):
     config = {k: v for k, v in vars(args).items()}
     config.update({k: pruner[k] for k in ("soft_steps", "pruning_steps", "rescore_every")})
     config["target_sparsity"] = finished[0]["summary"]["target_sparsity"]
+    # What the runs used (--prune_args may override the budget's scoring flags).
+    used = load_prune().parse_args(finished[0]["argv"])
+    config["score_batches"], config["score_batch_size"] = used.score_batches, used.score_batch_size or used.train_batch_size
     config["prune_argv_example"] = finished[0]["argv"]
     summary = summarize(runs, args.criteria)
     os.makedirs(os.path.join(args.docs_dir, "images"), exist_ok=True)
