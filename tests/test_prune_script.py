@@ -505,3 +505,19 @@ def test_launch_that_does_not_give_two_processes_is_refused(launch_args, extra_e
     assert re.search(match, result.stderr), result.stderr[-6000:]
     MESSAGES[f"launch: {' '.join(launch_args)}"] = re.search(r"RuntimeError: (.*)", result.stderr).group(1)
     assert not output_dir.exists()
+
+
+@pytest.mark.parametrize("argv, listed, absent", [
+    ([], {"score_ema", "soft_commit", "reactivation"}, {"score_batches", "hvp", "gradient_flow_form"}),
+    (["--criterion", "random", "--process", "one-shot"], {"process"}, {"score_batches", "score_ema", "reactivation", "hvp"}),
+    (["--criterion", "taylor"], {"score_batches", "score_timesteps", "reactivation"}, {"hvp", "gradient_flow_form"}),
+    (["--criterion", "gradient_flow", "--gradient_flow_form", "increase"],
+     {"score_batches", "hvp", "gradient_flow_form", "reactivation_rule"}, set()),
+])
+def test_card_lists_only_the_settings_that_acted(argv, listed, absent):
+    """The card's hyperparameters: a magnitude run shows no gradient-flow estimator, a one-shot run no soft/hard rules."""
+    prune = load_script("prune")
+    hyper = prune.card_hyperparameters(prune.parse_args(argv))
+    assert listed <= set(hyper) and not (absent & set(hyper)), hyper
+    if "gradient_flow_form" in hyper:
+        assert hyper["gradient_flow_form"] == "increase"

@@ -137,6 +137,21 @@ CRITERION_NOTES = {
 }
 
 
+def card_hyperparameters(args) -> dict:
+    """The run's settings the card lists: only those that acted (no scoring draws for a data-free criterion, no
+    gradient-flow estimator for another criterion, no soft/hard-phase rules for a one-shot run)."""
+    keys = ["train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler", "lr_warmup_steps",
+            "max_train_steps", "use_ema", "ema_max_decay", "seed", "mixed_precision"]
+    if CRITERIA[args.criterion].needs_data:
+        keys += ["score_batches", "score_batch_size", "score_timesteps", "score_resample"]
+    if args.criterion == "gradient_flow":
+        keys += ["hvp", "gradient_flow_form"]
+    keys += ["process"]
+    if args.process == "progressive":
+        keys += ["score_ema", "soft_commit", "reactivation", "reactivation_rule"]
+    return {k: getattr(args, k) for k in keys}
+
+
 def pruning_config(args) -> PrunerConfig:
     if args.process == "one-shot":
         if args.max_train_steps < 1:
@@ -582,10 +597,7 @@ def write_model_card(args, source, data_config, config, summary, comparison=None
     achieved = f"; reached {summary['achieved_macs']:.1%} of the dense MACs"
     target = (f"{args.target_macs:.0%} of the dense MACs{achieved}" if args.target_macs is not None
               else f"unit sparsity {args.target_sparsity:.4g}{achieved}")
-    hyper = {k: getattr(args, k) for k in ("train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler",
-                                          "lr_warmup_steps", "max_train_steps", "use_ema", "ema_max_decay", "seed", "mixed_precision",
-                                          "score_batches", "score_batch_size", "score_timesteps", "score_resample", "score_ema",
-                                          "hvp", "gradient_flow_form", "process", "soft_commit", "reactivation", "reactivation_rule")}
+    hyper = card_hyperparameters(args)
     hyper["distillation"] = distillation_config(args).describe()
     info = CardInfo(
         repo_name=os.path.basename(os.path.normpath(args.hub_model_id or args.output_dir)),
