@@ -161,6 +161,17 @@ def _user_name() -> Optional[str]:
         return None
 
 
+def method_phrase(criterion: str, process: str) -> str:
+    """How the card's first sentence names the method: the criterion that chose the units and the process."""
+    how = "with gradient flow" if criterion.startswith("gradient_flow") else f"by {criterion.split(' ')[0]} scores"
+    when = "in one shot, then fine-tuned" if process == "one-shot" else "through a progressive soft and hard pruning stage"
+    return f"{how}, {when}"
+
+
+def method_tag(criterion: str) -> str:
+    return "gradient-flow" if criterion.startswith("gradient_flow") else f"criterion-{criterion.split(' ')[0].replace('_', '-')}"
+
+
 def make_model_card(info: CardInfo):
     """A ``huggingface_hub.ModelCard`` for a pruning run."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -184,7 +195,8 @@ def make_model_card(info: CardInfo):
         library_name="diffusers",
         pipeline_tag="unconditional-image-generation",
         license="apache-2.0",
-        tags=["diffusers", "ddpm", "pruning", "structured-pruning", "gradient-flow", "diffusers-gfprune", f"layout-{info.layout}"],
+        tags=["diffusers", "ddpm", "pruning", "structured-pruning", method_tag(info.criterion), "diffusers-gfprune",
+              f"layout-{info.layout}"],
         eval_results=eval_results or None,
     )
     if info.metrics:
@@ -213,6 +225,7 @@ def make_model_card(info: CardInfo):
         template_path=template_path(),
         model_name=info.repo_name,
         base_model_display=f"`{info.base_model}`",
+        method_phrase=method_phrase(info.criterion, info.process),
         params_dense=_human(info.params_dense),
         params_pruned=_human(info.params_pruned),
         params_ratio=f"{info.params_pruned / info.params_dense:.3f}",

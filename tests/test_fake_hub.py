@@ -269,3 +269,17 @@ def test_errors_and_auth(fake_hub, tmp_path):
     assert json.loads(open(hf_hub_download("user/tiny", "config.json", revision=old)).read()) == {"a": 1}
     assert json.loads(open(hf_hub_download("user/tiny", "config.json")).read()) == {"a": 2}
     assert fake_hub.uploaded_paths("user/tiny") == ["config.json"]
+
+
+@pytest.mark.parametrize("criterion, process, phrase, tag", [
+    ("magnitude", "progressive", "by magnitude scores, through a progressive soft and hard pruning stage", "criterion-magnitude"),
+    ("gradient_flow (loss_change)", "progressive", "with gradient flow, through a progressive", "gradient-flow"),
+    ("diff_pruning", "one-shot", "by diff_pruning scores, in one shot, then fine-tuned", "criterion-diff-pruning"),
+])
+def test_card_names_the_criterion_that_was_used(criterion, process, phrase, tag):
+    """A magnitude-pruned model's card does not claim gradient flow (the default criterion is magnitude)."""
+    from diffusers_gfprune import hub
+
+    assert hub.method_phrase(criterion, process).startswith(phrase) and hub.method_tag(criterion) == tag
+    if not criterion.startswith("gradient_flow"):
+        assert "gradient flow" not in hub.method_phrase(criterion, process)
