@@ -71,6 +71,7 @@ class CardInfo:
     local_paths: List[str] = field(default_factory=list)  # the run's folders, named by base name only in the card
     criterion_note: Optional[str] = None  # what the criterion ranks by (default: from the criterion's name)
     process: str = "progressive"  # or "one-shot": pruned at step 0, exported, fine-tuned
+    pipeline_class: str = "DDPMPipeline"  # the teacher's (and the stock output's) class: PipelineKind.pipeline_class
 
 
 def _human(n: float) -> str:
@@ -79,11 +80,18 @@ def _human(n: float) -> str:
     return format_count(n)
 
 
-def loading_snippet(layout: str, repo_id: str) -> str:
+def _kind(pipeline_class: str):
+    from .pipeline_kinds import PIPELINE_CLASSES, PixelKind
+
+    return PIPELINE_CLASSES.get(pipeline_class, PixelKind)
+
+
+def loading_snippet(layout: str, repo_id: str, pipeline_class: str = "DDPMPipeline") -> str:
+    """The card's code: the teacher's own pipeline class for the stock layout, remote code for per-layer."""
     if layout == "stock":
         return (
-            "from diffusers import DDPMPipeline\n\n"
-            f'pipeline = DDPMPipeline.from_pretrained("{repo_id}")\n'
+            f"from diffusers import {pipeline_class}\n\n"
+            f'pipeline = {pipeline_class}.from_pretrained("{repo_id}")\n'
             "image = pipeline(batch_size=16).images[0]"
         )
     return (
@@ -93,16 +101,19 @@ def loading_snippet(layout: str, repo_id: str) -> str:
     )
 
 
-def loading_note(layout: str) -> str:
+def loading_note(layout: str, pipeline_class: str = "DDPMPipeline") -> str:
+    frozen = list(_kind(pipeline_class).frozen_components)
+    latent = (f" The {', '.join(f'`{c}`' for c in frozen)} and the scheduler are the teacher's, unchanged: only the "
+              "UNet was pruned.") if frozen else ""
     if layout == "stock":
         return (
-            "\nThis is a plain `UNet2DModel` with a smaller config: no extra package and no flags are needed."
+            "\nThis is a plain `UNet2DModel` with a smaller config: no extra package and no flags are needed." + latent
         )
     return (
         "\n`trust_remote_code=True` is needed because every layer keeps its own width, which a stock `UNet2DModel` "
         "config cannot express: the repo ships the small modeling file (`unet/modeling_pruned_unet.py`, torch and "
         "diffusers only) that rebuilds those widths. Read it before you trust it; with `diffusers-gfprune` installed "
-        "you can also load it with `PrunedUNet2DModel.from_pretrained(repo, subfolder=\"unet\")`."
+        "you can also load it with `PrunedUNet2DModel.from_pretrained(repo, subfolder=\"unet\")`." + latent
     )
 
 
@@ -195,7 +206,8 @@ def make_model_card(info: CardInfo):
         library_name="diffusers",
         pipeline_tag="unconditional-image-generation",
         license="apache-2.0",
-        tags=["diffusers", "ddpm", "pruning", "structured-pruning", method_tag(info.criterion), "diffusers-gfprune",
+        tags=["diffusers", _kind(info.pipeline_class).card_tag, "pruning", "structured-pruning", method_tag(info.criterion),
+              "diffusers-gfprune",
               f"layout-{info.layout}"],
         eval_results=eval_results or None,
     )
@@ -238,8 +250,8 @@ def make_model_card(info: CardInfo):
         layout_description=layout_description,
         grid_path=info.grid_path,
         grid_sampler=info.grid_sampler,
-        loading_snippet=loading_snippet(info.layout, repo_id),
-        loading_note=loading_note(info.layout),
+        loading_snippet=loading_snippet(info.layout, repo_id, info.pipeline_class),
+        loading_note=loading_note(info.layout, info.pipeline_class),
         resolution=info.resolution,
         metrics_section=metrics_section,
         dataset_display=f"`{info.dataset}`",

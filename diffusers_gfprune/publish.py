@@ -1,4 +1,5 @@
-"""Save a pruned UNet as a published pipeline variant: ``GFPruneDDPMPipeline`` with its ``pruning_info``.
+"""Save a pruned UNet as a published pipeline variant: ``GFPruneDDPMPipeline`` (pixel teachers) or
+``GFPruneLDMPipeline`` (latent teachers, with the teacher's ``vqvae``), with its ``pruning_info``.
 
 The saved folder (or Hub repository) is::
 
@@ -15,6 +16,11 @@ and loads without this package with ``DiffusionPipeline.from_pretrained(folder, 
 ``DDPMPipeline.from_pretrained(folder, trust_remote_code=True)`` (both give a ``GFPruneDDPMPipeline``), or, in a
 process that has this package, with ``GFPruneDDPMPipeline.from_pretrained(folder)`` after
 ``from pipelines.pipeline_gfprune_ddpm import GFPruneDDPMPipeline`` (no code from the folder runs then).
+
+A latent teacher's folder is the same with ``vqvae/`` (the teacher's ``VQModel``, unchanged) and
+``"_class_name": ["pipeline_gfprune_ldm", "GFPruneLDMPipeline"]``; it loads with
+``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` or ``LDMPipeline.from_pretrained(folder,
+trust_remote_code=True)``. Which variant a teacher gets is its pipeline kind's (:mod:`diffusers_gfprune.pipeline_kinds`).
 """
 
 from __future__ import annotations
@@ -23,9 +29,10 @@ import numbers
 import os
 from typing import Any, Dict
 
-from diffusers import SchedulerMixin, UNet2DModel
+from diffusers import SchedulerMixin, UNet2DModel, VQModel
 
 from pipelines.pipeline_gfprune_ddpm import GFPruneDDPMPipeline
+from pipelines.pipeline_gfprune_ldm import GFPruneLDMPipeline
 
 from .modeling_pruned_unet import PrunedUNet2DModel, save_pruned_pipeline
 
@@ -71,8 +78,10 @@ def save_gfprune_pipeline(
     scheduler: SchedulerMixin,
     pruning_info: Dict[str, Any],
     save_directory: str | os.PathLike,
-) -> GFPruneDDPMPipeline:
-    """Save ``unet`` and ``scheduler`` as a ``GFPruneDDPMPipeline`` carrying ``pruning_info``, and return it.
+    vqvae: VQModel | None = None,
+) -> GFPruneDDPMPipeline | GFPruneLDMPipeline:
+    """Save ``unet`` and ``scheduler`` as a ``GFPruneDDPMPipeline`` carrying ``pruning_info``, and return it
+    (with ``vqvae``: a ``GFPruneLDMPipeline``).
 
     The folder holds the pipeline's code (``pipeline_gfprune_ddpm.py``) and, for a :class:`PrunedUNet2DModel`, the
     unet's code (``unet/modeling_pruned_unet.py``); weights are safetensors only. It is written next to
@@ -92,6 +101,8 @@ def save_gfprune_pipeline(
         (each ``{"dense": ..., "pruned": ...}``); ``params["pruned"]`` must be the unet's parameter count.
     save_directory : str or os.PathLike
         The folder to write.
+    vqvae : VQModel, optional
+        A latent teacher's autoencoder: the folder is then a ``GFPruneLDMPipeline`` (``LDMPipeline`` variant).
 
     Raises
     ------
@@ -101,9 +112,12 @@ def save_gfprune_pipeline(
     if not isinstance(unet, UNet2DModel):
         raise ValueError(f"unet must be a UNet2DModel (e.g. a PrunedUNet2DModel), got {type(unet).__name__}.")
     check_pruning_info(pruning_info, unet)
-    pipeline = GFPruneDDPMPipeline(unet=unet, scheduler=scheduler, pruning_info=pruning_info)
+    if vqvae is not None:
+        pipeline = GFPruneLDMPipeline(vqvae=vqvae, unet=unet, scheduler=scheduler, pruning_info=pruning_info)
+    else:
+        pipeline = GFPruneDDPMPipeline(unet=unet, scheduler=scheduler, pruning_info=pruning_info)
     save_pruned_pipeline(pipeline, save_directory, safe_serialization=True)
     return pipeline
 
 
-__all__ = ["GFPruneDDPMPipeline", "PrunedUNet2DModel", "check_pruning_info", "save_gfprune_pipeline"]
+__all__ = ["GFPruneDDPMPipeline", "GFPruneLDMPipeline", "PrunedUNet2DModel", "check_pruning_info", "save_gfprune_pipeline"]

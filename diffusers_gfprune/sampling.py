@@ -1,9 +1,9 @@
-"""Sampling from a UNet with fixed initial noise, and image grids for people to look at."""
+"""Sampling from a UNet with fixed initial noise (pixel or latent), and image grids for people to look at."""
 
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -19,12 +19,33 @@ def sample_images(
     generator: Optional[torch.Generator] = None,
     eta: float = 0.0,
     progress: bool = False,
+    decode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> torch.Tensor:
-    """Run the reverse process from ``noise``; returns images in [0, 1], shape (B, C, H, W).
+    """Run the reverse process from ``noise``; returns images in [0, 1], shape (B, C, H, W), on the CPU.
 
     Works with any diffusers scheduler (DDPM, DDIM, ...). Two models sampled from the same
     ``noise`` (and, for stochastic schedulers, a generator with the same seed) can be compared
     image by image.
+
+    Parameters
+    ----------
+    unet : UNet2DModel
+        The denoiser; ``noise`` has its input shape (for a latent pipeline, the latents').
+    scheduler : diffusers.SchedulerMixin
+        A copy is made from its config, so the caller's scheduler is never changed.
+    noise : torch.Tensor
+        The initial noise (B, C, h, w); scaled by the scheduler's ``init_noise_sigma``.
+    num_inference_steps : int, optional
+        Default: the scheduler's ``num_train_timesteps``.
+    generator : torch.Generator, optional
+        For the noise of stochastic schedulers.
+    eta : float, default 0.0
+        DDIM's eta (passed to schedulers whose ``step`` takes it).
+    progress : bool, default False
+        A progress bar over the steps.
+    decode : callable, optional
+        Maps the final samples to pixel images in [-1, 1] (a latent pipeline's autoencoder:
+        :meth:`diffusers_gfprune.pipeline_kinds.PipelineKind.decode`); default: the samples are the images.
     """
     from tqdm.auto import tqdm
 
@@ -44,19 +65,29 @@ def sample_images(
             image = scheduler.step(output, t, image, **step_kwargs).prev_sample
     finally:
         unet.train(was_training)
+    if decode is not None:
+        image = decode(image)
     return (image.float() / 2 + 0.5).clamp(0, 1).cpu()
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) in [0, 1] (float) or uint8 -> uint8 on the CPU (a quarter of float32's memory)."""
+    images = images.detach().cpu()
+    if images.dtype == torch.uint8:
+        return images
+    return (images.float() * 255).round().clamp(0, 255).to(torch.uint8)
+
+
 def to_pil(images: torch.Tensor) -> List[Image.Image]:
-    """(B, C, H, W) in [0, 1] -> PIL images (grayscale for one channel)."""
-    array = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    """(B, C, H, W) in [0, 1] or uint8 -> PIL images (grayscale for one channel)."""
+    array = to_uint8(images).permute(0, 2, 3, 1).numpy()
     if array.shape[-1] == 1:
         return [Image.fromarray(a[..., 0], mode="L") for a in array]
     return [Image.fromarray(a) for a in array]
 
 
 def make_grid(images: torch.Tensor, rows: Optional[int] = None, scale: int = 1, padding: int = 2) -> Image.Image:
-    """One image holding ``images`` (B, C, H, W in [0, 1]) in a grid, each scaled up by ``scale``."""
+    """One image holding ``images`` (B, C, H, W in [0, 1], or uint8) in a grid, each scaled up by ``scale``."""
     count = images.shape[0]
     rows = rows or int(math.floor(math.sqrt(count)))
     cols = math.ceil(count / rows)

@@ -1,15 +1,22 @@
-"""The teacher: a Hub id or a local folder, holding a DDPMPipeline or a bare UNet2DModel.
+"""The teacher: a Hub id or a local folder, holding a UNet2DModel pipeline or a bare UNet2DModel.
 
-Only safetensors weights are loaded (never pickles). The config is read and checked before any
-weights are, so a wrong teacher is reported before heavy work.
+The pipeline's kind (pixel: ``DDPMPipeline``, ``DDIMPipeline``, ``PNDMPipeline``; latent: ``LDMPipeline``) is
+read from its ``model_index.json`` (:mod:`diffusers_gfprune.pipeline_kinds`), and an unsupported class is
+refused there. Only safetensors weights are loaded (never pickles). The configs are read and checked before
+any weights are, so a wrong teacher is reported before heavy work.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
+
+from .pipeline_kinds import PipelineKind, PixelKind, kind_for_index
+
+logger = logging.getLogger(__name__)
 
 SUPPORTED_CLASSES = ("UNet2DModel", "PrunedUNet2DModel")
 
@@ -23,6 +30,8 @@ class TeacherSource:
     unet_subfolder: Optional[str]  # "unet" for a pipeline, None for a bare UNet
     has_scheduler: bool
     unet_config: dict
+    # What kind of pipeline it is (not yet loaded: see load_kind); a bare UNet is a pixel DDPM.
+    kind: PipelineKind = field(default_factory=PixelKind)
 
     @property
     def class_name(self) -> str:
@@ -51,15 +60,25 @@ def resolve_teacher(path: str, revision: Optional[str] = None, cache_dir: Option
     if not path:
         raise ValueError(
             "No teacher given: pass --pretrained_model_name_or_path with a Hub id (e.g. google/ddpm-cifar10-32) "
-            "or a local folder holding a DDPMPipeline or a UNet2DModel."
+            "or a local folder holding a DDPMPipeline, DDIMPipeline, PNDMPipeline, LDMPipeline or a UNet2DModel."
         )
     if os.path.isdir(path):
         index = os.path.join(path, "model_index.json")
         if os.path.isfile(index):
+            model_index = _read_json(index)
+            kind = kind_for_index(model_index, path)  # refuses an unsupported pipeline class first
             config_path = os.path.join(path, "unet", "config.json")
             if not os.path.isfile(config_path):
                 raise ValueError(f"{path} holds a pipeline without a 'unet' component; the teacher must be a UNet2DModel DDPM.")
-            return TeacherSource(path, revision, "unet", os.path.isdir(os.path.join(path, "scheduler")), _checked(_read_json(config_path), path))
+            configs = {}
+            for name in kind.frozen_components:
+                component_config = os.path.join(path, name, "config.json")
+                if not os.path.isfile(component_config):
+                    raise ValueError(f"{path} lists a {name!r} component but has no {name}/config.json.")
+                configs[name] = _read_json(component_config)
+            kind = kind_for_index(model_index, path, configs)
+            return TeacherSource(path, revision, "unet", os.path.isdir(os.path.join(path, "scheduler")),
+                                 _checked(_read_json(config_path), path), kind)
         config_path = os.path.join(path, "config.json")
         if os.path.isfile(config_path):
             return TeacherSource(path, revision, None, False, _checked(_read_json(config_path), path))
@@ -69,10 +88,12 @@ def resolve_teacher(path: str, revision: Optional[str] = None, cache_dir: Option
     try:
         index = _hub_json(path, "model_index.json", revision, cache_dir, token)
         if index is not None:
-            if "unet" not in index:
-                raise ValueError(f"The Hub pipeline {path} has no 'unet' component; the teacher must be a UNet2DModel DDPM.")
+            kind = kind_for_index(index, path)  # refuses an unsupported pipeline class first
+            configs = {name: _hub_json(path, f"{name}/config.json", revision, cache_dir, token) or {}
+                       for name in kind.frozen_components}
             config = _hub_json(path, "unet/config.json", revision, cache_dir, token) or {}
-            return TeacherSource(path, revision, "unet", "scheduler" in index, _checked(config, path))
+            return TeacherSource(path, revision, "unet", "scheduler" in index, _checked(config, path),
+                                 kind_for_index(index, path, configs))
         config = _hub_json(path, "config.json", revision, cache_dir, token)
     except (RepositoryNotFoundError, RevisionNotFoundError) as error:
         raise ValueError(
@@ -101,8 +122,22 @@ def _checked(config: dict, where: str) -> dict:
     return config
 
 
+def load_kind(source: TeacherSource, cache_dir: Optional[str] = None, token=None, device=None) -> PipelineKind:
+    """The teacher's pipeline kind with its own scheduler and frozen components loaded (safetensors only).
+
+    For a latent teacher that is its ``VQModel``, in eval mode with gradients off; for a pixel teacher nothing but
+    the scheduler. ``device``: where the frozen components go.
+    """
+    kind = source.kind.load_components(source.path, source.revision, cache_dir, token, has_scheduler=source.has_scheduler)
+    for note in kind.notes:
+        logger.warning("%s", note)
+    return kind.to(device) if device is not None else kind
+
+
 def load_teacher(source: TeacherSource, cache_dir: Optional[str] = None, token=None):
-    """Load the UNet (safetensors only) and the scheduler (the teacher's own, else a default DDPMScheduler)."""
+    """Load the UNet (safetensors only) and the training scheduler: a ``DDPMScheduler`` with the teacher's
+    scheduler config (its betas and prediction type), else a default 1000-step one. The teacher's own scheduler
+    (e.g. a ``DDIMScheduler``) and its frozen components come with :func:`load_kind`."""
     from diffusers import DDPMScheduler, UNet2DModel
 
     from .modeling_pruned_unet import PrunedUNet2DModel

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Train a dense UNet2DModel DDPM with accelerate and save a DDPMPipeline folder.
+"""Train a dense UNet2DModel DDPM with accelerate and save a DDPMPipeline folder (or, on the latents of a frozen
+VQModel, an LDMPipeline folder).
 
 The same data options as prune.py, including the built-in 'digits' (offline). The project's digits
 teacher was made with this script; see docs/teacher.md for the exact command.
@@ -10,6 +11,15 @@ The colour teacher trains on the built-in 'photos' (32x32 crops of real photogra
 
     accelerate launch training/train_ddpm.py --dataset_name photos --output_dir ddpm-photos \
         --block_out_channels 32 64 128 --attention_levels 1
+
+Latent diffusion: with ``--vqvae_model_name_or_path`` (a VQModel folder, e.g. from train_vqmodel.py) every batch
+is encoded by the frozen autoencoder (``vqvae.encode(x).latents * scaling_factor``, the scaling LDMPipeline undoes
+when it decodes), the UNet is trained on the latents, and the output is a standard LDMPipeline folder (vqvae,
+unet, a DDIMScheduler as LDMPipeline uses, model_index.json):
+
+    python training/train_vqmodel.py --output_dir vq-photos
+    accelerate launch training/train_ddpm.py --dataset_name photos --vqvae_model_name_or_path vq-photos \
+        --output_dir ldm-photos --block_out_channels 64 128 --attention_levels 1
 """
 
 import argparse
@@ -24,11 +34,12 @@ import time
 import torch
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
-from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from tqdm.auto import tqdm
 
 from diffusers_gfprune import data, training
-from diffusers_gfprune.sampling import make_grid, sample_images
+from diffusers_gfprune.pipeline_kinds import LatentCacheConfig, LatentKind, PixelKind
+from diffusers_gfprune.sampling import make_grid
 
 logger = get_logger(__name__)
 
@@ -48,11 +59,37 @@ def parse_args(argv=None):
     model.add_argument("--norm_num_groups", type=int, default=16, help="GroupNorm groups.")
     model.add_argument("--num_train_timesteps", type=int, default=1000, help="Diffusion steps of the scheduler.")
     model.add_argument("--beta_schedule", type=str, default="linear", help="Beta schedule of the DDPMScheduler.")
-    model.add_argument("--clip_sample", action=argparse.BooleanOptionalAction, default=True,
-                       help="The saved scheduler clips its x0 prediction to [-1, 1] while sampling (diffusers' default). "
+    model.add_argument("--clip_sample", action=argparse.BooleanOptionalAction, default=None,
+                       help="The saved scheduler clips its x0 prediction to [-1, 1] while sampling (diffusers' default; the "
+                            "default here for pixels, off for latents, which are not bounded by 1). "
                             "--no-clip_sample for an under-trained model: with clipping, DDIM's few large early steps pull "
                             "every sample of such a model to the data's mean colour (docs/teacher.md). Training is unchanged.")
+    latent = parser.add_argument_group("latent diffusion")
+    latent.add_argument("--vqvae_model_name_or_path", type=str, default=None,
+                        help="A VQModel (folder or Hub id, safetensors; or an LDMPipeline folder, whose vqvae is used): train "
+                             "on its latents and save an LDMPipeline. --sample_size and --in_channels then default to the "
+                             "latents' size and channels, and --resolution to the images' size.")
+    latent.add_argument("--latent_cache_mb", type=float, default=0.0,
+                        help=LatentCacheConfig.__dataclass_fields__["max_megabytes"].metadata["help"]
+                        + " Encodes the data set once instead of every batch (both flips with --random_flip).")
     return training.resolve_data_arguments(parser.parse_args(argv))
+
+
+def load_vqvae(path: str, cache_dir=None, token=None):
+    """The frozen VQModel of ``path``: a VQModel folder or Hub id, or a pipeline folder with a ``vqvae`` subfolder."""
+    from diffusers import VQModel
+
+    subfolder = "vqvae" if os.path.isfile(os.path.join(path, "model_index.json")) else None
+    if os.path.isdir(path):
+        config = os.path.join(path, subfolder or "", "config.json")
+        if not os.path.isfile(config):
+            raise ValueError(f"--vqvae_model_name_or_path {path!r} holds no VQModel (no {os.path.relpath(config, path)}).")
+        with open(config, encoding="utf-8") as f:
+            name = json.load(f).get("_class_name")
+        if name != "VQModel":
+            raise ValueError(f"--vqvae_model_name_or_path {path!r} holds a {name}, not a VQModel (LDMPipeline's autoencoder).")
+    vqvae = VQModel.from_pretrained(path, subfolder=subfolder, cache_dir=cache_dir, token=token, use_safetensors=True)
+    return vqvae.eval().requires_grad_(False)
 
 
 def build_model(args) -> UNet2DModel:
@@ -75,22 +112,59 @@ def build_model(args) -> UNet2DModel:
     )
 
 
+def make_kind(args, noise_scheduler):
+    """The pipeline kind being trained, with its frozen autoencoder and the scheduler the output pipeline gets."""
+    if args.vqvae is None:
+        kind = PixelKind("DDPMPipeline", "DDPMScheduler")
+        kind.scheduler = noise_scheduler
+        return kind
+    kind = LatentKind("LDMPipeline", "DDIMScheduler", {"vqvae": dict(args.vqvae.config)})
+    kind.components["vqvae"] = args.vqvae
+    kind.scheduler = DDIMScheduler.from_config(noise_scheduler.config)  # what LDMPipeline samples with
+    return kind
+
+
+def resolve_shapes(args):
+    """Model and data shapes: the latents' for the UNet with an autoencoder, the images' for the data."""
+    image_size = 32 if args.dataset_name == "photos" else 16
+    if args.vqvae is None:
+        args.in_channels = args.in_channels or (1 if args.dataset_name == "digits" else 3)
+        args.sample_size = args.sample_size or image_size
+        return args.in_channels, args.resolution or args.sample_size
+    config = args.vqvae.config
+    factor = 2 ** (len(config.block_out_channels) - 1)
+    resolution = args.resolution or (args.sample_size * factor if args.sample_size else image_size)
+    if resolution % factor:
+        raise ValueError(f"The autoencoder downsamples by {factor}, which does not divide the image resolution {resolution}.")
+    if args.sample_size is not None and args.sample_size * factor != resolution:
+        raise ValueError(f"--sample_size {args.sample_size} latents decode to {args.sample_size * factor} px, but the "
+                         f"images are {resolution} px (--resolution); give one of them.")
+    if args.in_channels is not None and args.in_channels != config.latent_channels:
+        raise ValueError(f"--in_channels {args.in_channels} differs from the autoencoder's latent_channels "
+                         f"{config.latent_channels}; leave it out with --vqvae_model_name_or_path.")
+    args.in_channels, args.sample_size = config.latent_channels, resolution // factor
+    return config.in_channels, resolution
+
+
 def main(argv=None):
     args = parse_args(argv)
-    if args.in_channels is None:
-        args.in_channels = 1 if args.dataset_name == "digits" else 3
-    if args.sample_size is None:
-        args.sample_size = 32 if args.dataset_name == "photos" else 16
     # Everything that can be wrong with the arguments is reported before any heavy work.
     training.check_training_arguments(args)
     training.check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint)
     training.check_hub_arguments(args)
+    cache = LatentCacheConfig(max_megabytes=args.latent_cache_mb)
+    if args.latent_cache_mb and not args.vqvae_model_name_or_path:
+        raise ValueError("--latent_cache_mb caches an autoencoder's latents: it needs --vqvae_model_name_or_path.")
+    args.vqvae = load_vqvae(args.vqvae_model_name_or_path, args.cache_dir, args.hub_token) if args.vqvae_model_name_or_path else None
+    if args.clip_sample is None:
+        args.clip_sample = args.vqvae is None  # latents are not bounded by 1
+    image_channels, resolution = resolve_shapes(args)
     data_config = data.DataConfig(
         dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name, train_data_dir=args.train_data_dir,
-        image_column=args.image_column, resolution=args.resolution or args.sample_size, center_crop=args.center_crop,
+        image_column=args.image_column, resolution=resolution, center_crop=args.center_crop,
         random_flip=args.random_flip, cache_dir=args.cache_dir, max_train_samples=args.max_train_samples,
     )
-    data.validate_data_source(data_config, args.in_channels)
+    data.validate_data_source(data_config, image_channels)
 
     accelerator = training.create_accelerator(args, split_batches=True)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
@@ -101,9 +175,11 @@ def main(argv=None):
         num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule,
         prediction_type=args.prediction_type or "epsilon", clip_sample=args.clip_sample,
     )
+    kind = make_kind(args, noise_scheduler).to(accelerator.device)
     ema = training.create_ema(model, args) if args.use_ema else None
     optimizer = training.create_optimizer(model, args)
-    dataset = data.load_train_dataset(data_config, args.in_channels)
+    dataset = data.load_train_dataset(data_config, image_channels)
+    dataset, to_model_input = kind.training_data(dataset, cache, accelerator.device)
     global_batch = args.train_batch_size * accelerator.num_processes
     dataloader = data.make_dataloader(dataset, global_batch, seed=args.seed, num_workers=args.dataloader_num_workers)
     shuffle_generator = dataloader.generator
@@ -140,7 +216,8 @@ def main(argv=None):
     if ema is not None:
         ema.to(accelerator.device)
     if accelerator.is_main_process:
-        accelerator.init_trackers("train_ddpm", config={k: v for k, v in vars(args).items() if k != "hub_token" and not isinstance(v, list)})
+        accelerator.init_trackers("train_ddpm", config={k: v for k, v in vars(args).items()
+                                                        if k != "hub_token" and isinstance(v, (int, float, str, bool))})
 
     global_step = 0
     resume = training.resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
@@ -161,7 +238,7 @@ def main(argv=None):
         epoch, skip = divmod(global_step, steps_per_epoch)
         for batch in training.epoch_batches(dataloader, shuffle_generator, args.seed, epoch, skip * args.gradient_accumulation_steps, accelerator):
             with accelerator.accumulate(model):
-                loss = noise.loss(batch["images"], noise_scheduler, args.prediction_type)(model)
+                loss = noise.loss(to_model_input(batch["images"]), noise_scheduler, args.prediction_type)(model)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -188,7 +265,7 @@ def main(argv=None):
                 accelerator.save_state(os.path.join(args.output_dir, f"checkpoint-{global_step}"))
             if accelerator.is_main_process and (global_step % args.validation_steps == 0 or global_step == args.max_train_steps):
                 unet = training.ema_model(accelerator.unwrap_model(model), ema)
-                images = sample_images(unet, DDIMScheduler.from_config(noise_scheduler.config), fixed_noise, args.num_inference_steps)
+                images = kind.sample(unet, DDIMScheduler.from_config(noise_scheduler.config), fixed_noise, args.num_inference_steps)
                 grid = make_grid(images, scale=4)
                 os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
                 grid.save(os.path.join(args.output_dir, "samples", f"step-{global_step:06d}.png"))
@@ -200,9 +277,9 @@ def main(argv=None):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         unet = training.ema_model(accelerator.unwrap_model(model), ema)
-        pipeline = DDPMPipeline(unet=unet, scheduler=noise_scheduler)
-        training.save_pipeline_into(pipeline, args.output_dir)
-        images = sample_images(unet, DDIMScheduler.from_config(noise_scheduler.config), fixed_noise, args.num_inference_steps)
+        # A DDPMPipeline with the training scheduler, or an LDMPipeline (vqvae, unet, DDIMScheduler).
+        training.save_pipeline_into(kind.build_pipeline(unet), args.output_dir)
+        images = kind.sample(unet, DDIMScheduler.from_config(noise_scheduler.config), fixed_noise, args.num_inference_steps)
         make_grid(images, scale=4).save(os.path.join(args.output_dir, "samples.png"))
         # A resume that only saves (no step left) has no loss of its own: None, not 0 or NaN.
         summary = {
@@ -213,6 +290,7 @@ def main(argv=None):
             "wall_seconds_this_invocation": time.time() - started,
             "wall_seconds_total": wall["before"] + time.time() - wall["started"],
             "num_parameters": sum(p.numel() for p in unet.parameters()),
+            "latent_cache": type(dataset).__name__ == "LatentDataset",
             "command": " ".join(training.portable_argv(sys.argv)),
         }
         path = os.path.join(args.output_dir, "training_summary.json")

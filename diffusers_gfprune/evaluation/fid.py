@@ -368,19 +368,23 @@ def digits_fid_kid(images: torch.Tensor, reference) -> dict:
 
 
 def validation_fid(unet, ddim, num_images: int, num_inference_steps: int, seed: int, reference,
-                   dataset_name: str = "digits") -> float:
+                   dataset_name: str = "digits", kind=None) -> float:
     """FID (the built-in data set's classifier features) of ``num_images`` DDIM samples from the noise of ``seed + 1``.
 
     What ``training/prune.py --validation_fid_images`` records during training; the criteria
-    benchmark measures the teacher with it, so that the two are on one protocol.
+    benchmark measures the teacher with it, so that the two are on one protocol. ``kind`` (a
+    :class:`~diffusers_gfprune.pipeline_kinds.PipelineKind` with its components loaded) decodes
+    latent samples; default: pixel samples.
     """
-    from ..sampling import sample_images
+    from ..sampling import sample_images, to_uint8
+
+    sample = kind.sample if kind is not None else sample_images
 
     config = unet.config
     size = config.sample_size
     size = (size, size) if isinstance(size, int) else tuple(size)
     noise = torch.randn((num_images, config.in_channels, *size), generator=torch.Generator().manual_seed(seed + 1))
-    images = torch.cat([sample_images(unet, ddim, chunk, num_inference_steps) for chunk in noise.split(64)])
+    images = torch.cat([to_uint8(sample(unet, ddim, chunk, num_inference_steps)) for chunk in noise.split(64)])
     key = get_feature_extractor(BUILTIN_FEATURE_EXTRACTORS[dataset_name]).key
     return builtin_fid_kid(images, reference, dataset_name)[f"fid_{key}"]
 

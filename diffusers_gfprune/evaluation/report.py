@@ -50,8 +50,8 @@ class TeacherComparison:
 
     metrics: list  # of Metric
     not_computed: list  # of (metric name, reason)
-    teacher_images: torch.Tensor
-    pruned_images: torch.Tensor
+    teacher_images: torch.Tensor  # uint8 (B, C, H, W)
+    pruned_images: torch.Tensor  # uint8, pair i from the same noise as teacher_images[i]
     details: dict
 
     def as_dict(self) -> dict:
@@ -121,10 +121,12 @@ def evaluate_against_teacher(
     inception_weights: Optional[Union[str, os.PathLike]] = None,
     batch_size: int = 64,
     progress: bool = True,
+    pipeline_kind=None,
 ) -> TeacherComparison:
     """Sample teacher and pruned model from the same noise and measure how far apart they are.
 
-    Always: SSIM of each pruned image to the teacher's image from the same noise (DDIM, eta 0).
+    Always: SSIM of each pruned image to the teacher's image from the same noise (DDIM, eta 0; for a latent
+    pipeline the same latent noise, decoded).
     FID/KID of the pruned model AND of the teacher, under the same protocol (so the gap is what the
     pruning cost, whatever the sample count does to the absolute numbers):
 
@@ -162,10 +164,15 @@ def evaluate_against_teacher(
         Images per sampling batch.
     progress : bool, default True
         Show a progress bar over the sampling batches.
+    pipeline_kind : diffusers_gfprune.pipeline_kinds.PipelineKind, optional
+        The teacher's pipeline kind with its components loaded (``teacher.load_kind``). A latent kind samples both
+        UNets from the same latent noise and decodes both with the teacher's autoencoder, so SSIM and FID are on
+        images. Default: pixel pipelines.
 
     Returns
     -------
     TeacherComparison
+        Its ``teacher_images`` and ``pruned_images`` are uint8 (B, C, H, W), a quarter of float32's memory.
     """
     if fid not in FID_CHOICES:
         raise ValueError(f"fid={fid!r}; choose one of {list(FID_CHOICES)}.")
@@ -180,20 +187,28 @@ def evaluate_against_teacher(
             )
     from tqdm.auto import tqdm
 
-    teacher_parts, pruned_parts = [], []
+    from ..sampling import to_uint8
+
+    # Samples are kept as uint8 (what FID reads anyway); SSIM is computed per batch on the float images.
+    teacher_parts, pruned_parts, ssim_parts = [], [], []
     batches = range(0, num_images, batch_size)
     for start in tqdm(batches, desc="evaluation samples", disable=not progress):
         count = min(batch_size, num_images - start)
         # One seed per batch: the pairs match, and the images do not depend on how many batches came before.
-        t, p = paired_samples(teacher_unet, pruned_unet, scheduler, count, num_inference_steps, seed=seed + start, batch_size=count)
-        teacher_parts.append(t)
-        pruned_parts.append(p)
+        t, p = paired_samples(teacher_unet, pruned_unet, scheduler, count, num_inference_steps, seed=seed + start,
+                              batch_size=count, kind=pipeline_kind)
+        ssim_parts.append(ssim_vs_teacher(t, p, per_image=True)[1])
+        teacher_parts.append(to_uint8(t))
+        pruned_parts.append(to_uint8(p))
     teacher_images, pruned_images = torch.cat(teacher_parts), torch.cat(pruned_parts)
-    sampler = f"{num_images} images, DDIM {num_inference_steps} steps (eta 0), seed {seed}"
+    ssim = float(torch.cat(ssim_parts).double().mean())
+    how_sampled = (pipeline_kind.describe_sampler(num_inference_steps) if pipeline_kind is not None
+                   else f"DDIM {num_inference_steps} steps (eta 0)")
+    sampler = f"{num_images} images, {how_sampled}, seed {seed}"
     kind = {"dataset_name": "digits" if digits else dataset_name,
             "dataset_type": BUILTIN_DATASET_TYPES.get(builtin, dataset_name)}
 
-    metrics = [Metric("ssim_vs_teacher", "SSIM to the teacher (same noise)", ssim_vs_teacher(teacher_images, pruned_images),
+    metrics = [Metric("ssim_vs_teacher", "SSIM to the teacher (same noise)", ssim,
                       f"mean SSIM (torchmetrics, 11x11 Gaussian window) of each pruned sample to the teacher's sample from "
                       f"the same initial noise; {sampler}; 1 = identical", **kind)]
     not_computed = []

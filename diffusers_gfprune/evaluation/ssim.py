@@ -6,7 +6,7 @@ eta 0 by default); :func:`ssim_vs_teacher` averages torchmetrics' SSIM over the 
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -82,6 +82,7 @@ def paired_samples(
     eta: float = 0.0,
     seed: int = 0,
     batch_size: int = 64,
+    kind=None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Sample a teacher and a pruned UNet from the same initial noise with DDIM.
 
@@ -106,6 +107,9 @@ def paired_samples(
         Seed of the initial noise.
     batch_size : int, default 64
         Images per sampling batch.
+    kind : diffusers_gfprune.pipeline_kinds.PipelineKind, optional
+        The teacher's pipeline kind, with its components loaded; it decodes the samples (a latent pipeline's
+        autoencoder). Default: pixel samples.
 
     Returns
     -------
@@ -116,6 +120,7 @@ def paired_samples(
 
     from ..sampling import sample_images
 
+    sample = kind.sample if kind is not None else sample_images
     if num_images < 1 or batch_size < 1:
         raise ValueError(f"num_images and batch_size must be positive, got {num_images} and {batch_size}.")
     shapes = []
@@ -136,5 +141,5 @@ def paired_samples(
         batch = noise[start:start + batch_size]
         for unet, out in ((teacher_unet, teacher_out), (pruned_unet, pruned_out)):
             generator = torch.Generator().manual_seed(seed + 1_000_003 * (index + 1)) if eta > 0 else None
-            out.append(sample_images(unet, ddim, batch, num_inference_steps, generator=generator, eta=eta))
+            out.append(sample(unet, ddim, batch, num_inference_steps, generator=generator, eta=eta))
     return torch.cat(teacher_out), torch.cat(pruned_out)
