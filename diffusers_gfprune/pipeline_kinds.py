@@ -275,7 +275,15 @@ def _load_frozen(cls, path, subfolder, revision, cache_dir, token):
                 "use_safetensors=False).save_pretrained(folder) on a machine you trust."
             ) from error
         raise
+    # from_pretrained records where it read from; a saved output would publish that (maybe local) path.
+    module.register_to_config(_name_or_path=public_source_name(path))
     return module.eval().requires_grad_(False)
+
+
+def public_source_name(path) -> str:
+    """How a saved config may name where a component came from: a Hub id as given, a local folder by base name."""
+    path = os.fspath(path)
+    return os.path.basename(os.path.normpath(path)) if os.path.exists(path) else path
 
 
 class PixelKind(PipelineKind):

@@ -284,3 +284,20 @@ def test_digits_evaluation_at_the_smallest_sample_counts(num_images):
     values = {m.key: m.value for m in comparison.metrics}
     assert values["fid_digits_classifier"] > 0 and values["kid_digits_classifier"] == values["kid_digits_classifier"]
     assert "KID subsets of 2" in next(m.how for m in comparison.metrics if m.key == "fid_digits_classifier")
+
+
+def test_evaluation_keeps_uint8_samples_and_streams_ssim():
+    """The samples are kept as uint8 (not float32) and the SSIM, computed batch by batch on the float samples, is the
+    SSIM of the whole float set."""
+    from diffusers import DDPMScheduler
+
+    teacher, pruned = tiny_unet((16, 32), 0), tiny_unet((16, 32), 1)
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    comparison = ev.evaluate_against_teacher(teacher, pruned, scheduler, 5, num_inference_steps=2, fid="none",
+                                             batch_size=2, progress=False)
+    assert comparison.teacher_images.dtype == comparison.pruned_images.dtype == torch.uint8
+    floats = [ev.paired_samples(teacher, pruned, scheduler, n, 2, seed=start, batch_size=n) for start, n in ((0, 2), (2, 2), (4, 1))]
+    t, p = torch.cat([a for a, _ in floats]), torch.cat([b for _, b in floats])
+    ssim = next(m.value for m in comparison.metrics if m.key == "ssim_vs_teacher")
+    assert ssim == pytest.approx(ev.ssim_vs_teacher(t, p), abs=1e-12)
+    assert torch.equal(comparison.teacher_images, (t * 255).round().to(torch.uint8))

@@ -246,3 +246,24 @@ def test_unloaded_latent_kind_says_what_to_do():
     assert kind.notes and "scaling_factor" in kind.notes[0]  # the config has none: diffusers' default applies
     with pytest.raises(RuntimeError, match="load_components"):
         kind.encode(torch.zeros(1, 3, 16, 16))
+
+
+# (layout, teacher's pipeline class) -> what the card's snippet calls, and whether it says the autoencoder is untouched
+CARD_TABLE = [
+    ("stock", "DDPMPipeline", "DDPMPipeline.from_pretrained(\"u/r\")", False),
+    ("stock", "DDIMPipeline", "DDIMPipeline.from_pretrained(\"u/r\")", False),
+    ("stock", "LDMPipeline", "LDMPipeline.from_pretrained(\"u/r\")", True),
+    ("per-layer", "LDMPipeline", "DiffusionPipeline.from_pretrained(\"u/r\", trust_remote_code=True)", True),
+    ("per-layer", "PNDMPipeline", "DiffusionPipeline.from_pretrained(\"u/r\", trust_remote_code=True)", False),
+]
+
+
+@pytest.mark.parametrize("layout, pipeline_class, call, mentions_vqvae", CARD_TABLE)
+def test_card_snippet_names_the_teachers_class(layout, pipeline_class, call, mentions_vqvae):
+    from diffusers_gfprune.hub import loading_note, loading_snippet
+
+    snippet = loading_snippet(layout, "u/r", pipeline_class)
+    assert call in snippet
+    if layout == "stock":
+        assert snippet.startswith(f"from diffusers import {pipeline_class}\n")
+    assert ("`vqvae`" in loading_note(layout, pipeline_class)) is mentions_vqvae

@@ -38,7 +38,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from tqdm.auto import tqdm
 
 from diffusers_gfprune import data, training
-from diffusers_gfprune.pipeline_kinds import LatentCacheConfig, LatentKind, PixelKind
+from diffusers_gfprune.pipeline_kinds import LatentCacheConfig, LatentKind, PixelKind, public_source_name
 from diffusers_gfprune.sampling import make_grid
 
 logger = get_logger(__name__)
@@ -89,6 +89,7 @@ def load_vqvae(path: str, cache_dir=None, token=None):
         if name != "VQModel":
             raise ValueError(f"--vqvae_model_name_or_path {path!r} holds a {name}, not a VQModel (LDMPipeline's autoencoder).")
     vqvae = VQModel.from_pretrained(path, subfolder=subfolder, cache_dir=cache_dir, token=token, use_safetensors=True)
+    vqvae.register_to_config(_name_or_path=public_source_name(path))  # the saved LDMPipeline names no local path
     return vqvae.eval().requires_grad_(False)
 
 
