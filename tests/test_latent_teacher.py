@@ -254,3 +254,61 @@ def test_variant_loads_in_process_without_remote_code(teacher, tmp_path):
     assert type(loaded) is GFPruneLDMPipeline and loaded.pruning_info == info
     assert type(loaded.unet).__module__ == "diffusers_gfprune.modeling_pruned_unet"
     assert not [m for m in sys.modules if m.startswith("diffusers_modules.local.v")]
+
+
+def test_train_ddpm_latent_path_saves_an_ldm_pipeline_and_resumes(tmp_path):
+    """train_ddpm.py on the shipped autoencoder's latents: an LDMPipeline folder, and a resumed run ends where an
+    uninterrupted one does (from cached latents; no --random_flip: its draws from torch's global generator do not
+    resume exactly, on pixels either, because the loader fetches a batch ahead of the saved random state)."""
+    from diffusers import LDMPipeline
+    from safetensors.torch import load_file
+
+    from .conftest import load_script
+
+    train_ddpm = load_script("train_ddpm")
+    common = ["--dataset_name", "photos", "--vqvae_model_name_or_path", TEACHER, "--block_out_channels", "8", "16",
+              "--norm_num_groups", "4", "--attention_levels", "1", "--train_batch_size", "4", "--max_train_samples", "16",
+              "--latent_cache_mb", "1", "--checkpointing_steps", "2", "--validation_steps", "100",
+              "--num_inference_steps", "2", "--num_validation_images", "2", "--report_to", "none", "--lr_warmup_steps", "0"]
+    train_ddpm.main(common + ["--output_dir", str(tmp_path / "full"), "--max_train_steps", "4"])
+    train_ddpm.main(common + ["--output_dir", str(tmp_path / "part"), "--max_train_steps", "2"])
+    train_ddpm.main(common + ["--output_dir", str(tmp_path / "part"), "--max_train_steps", "4", "--resume_from_checkpoint", "latest"])
+    full = load_file(str(tmp_path / "full" / "unet" / "diffusion_pytorch_model.safetensors"))
+    resumed = load_file(str(tmp_path / "part" / "unet" / "diffusion_pytorch_model.safetensors"))
+    for name in full:
+        torch.testing.assert_close(resumed[name], full[name], atol=1e-6, rtol=0)
+    pipe = LDMPipeline.from_pretrained(tmp_path / "full")
+    assert pipe.unet.config.sample_size == 16 and pipe.unet.config.in_channels == 3
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler" and pipe.scheduler.config.clip_sample is False
+    assert json.loads((tmp_path / "full" / "training_summary.json").read_text())["latent_cache"] is True
+    assert REPO_ROOT not in (tmp_path / "full" / "vqvae" / "config.json").read_text()
+
+
+def test_train_vqmodel_saves_a_measured_autoencoder_and_resumes(tmp_path):
+    """A few steps of train_vqmodel.py: a safetensors VQModel with its scaling factor from the data, its held-out
+    reconstruction quality, and a resumed run that ends where an uninterrupted one does."""
+    from diffusers import VQModel
+    from safetensors.torch import load_file
+
+    from .conftest import load_script
+
+    train_vqmodel = load_script("train_vqmodel")
+    common = ["--block_out_channels", "16", "32", "--num_vq_embeddings", "16", "--train_batch_size", "4",
+              "--max_train_samples", "32", "--quantize_after", "2", "--restart_dead_codes_every", "2",
+              "--checkpointing_steps", "3", "--num_eval_images", "8", "--report_to", "none", "--lr_warmup_steps", "0"]
+    train_vqmodel.main(common + ["--output_dir", str(tmp_path / "full"), "--max_train_steps", "6"])
+    train_vqmodel.main(common + ["--output_dir", str(tmp_path / "part"), "--max_train_steps", "3"])
+    train_vqmodel.main(common + ["--output_dir", str(tmp_path / "part"), "--max_train_steps", "6", "--resume_from_checkpoint", "latest"])
+    full = load_file(str(tmp_path / "full" / "diffusion_pytorch_model.safetensors"))
+    resumed = load_file(str(tmp_path / "part" / "diffusion_pytorch_model.safetensors"))
+    for name in full:
+        torch.testing.assert_close(resumed[name], full[name], atol=1e-6, rtol=0)
+    vqvae = VQModel.from_pretrained(tmp_path / "full")
+    summary = json.loads((tmp_path / "full" / "training_summary.json").read_text())
+    assert vqvae.config.scaling_factor == pytest.approx(summary["scaling_factor"]) and summary["scaling_factor"] != 1.0
+    assert summary["latent_shape"] == [3, 16, 16] and summary["held_out_images"] == 8
+    quantized = summary["reconstruction"]["quantized"]
+    assert 0 < quantized["psnr_db"] < 60 and -1 <= quantized["ssim"] <= 1 and 1 <= quantized["codes_used"] <= 16
+    assert (tmp_path / "full" / "reconstructions.png").is_file()
+    with pytest.raises(ValueError, match="norm_num_groups"):
+        train_vqmodel.main(common + ["--output_dir", str(tmp_path / "bad"), "--block_out_channels", "24", "32"])

@@ -208,7 +208,7 @@ def main(argv=None):
         if ema is not None:
             training.load_ema(ema, os.path.join(input_dir, "unet_ema"), UNet2DModel)
         tensors, meta = training.load_extra_state(input_dir)
-        noise.load_state_dict({"generator": tensors["noise/generator"]})
+        noise.load_state_dict({k[len("noise/"):]: v for k, v in tensors.items() if k.startswith("noise/")})
         wall["before"] = float(meta.get("wall_seconds", 0.0))
 
     accelerator.register_save_state_pre_hook(save_hook)

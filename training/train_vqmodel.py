@@ -165,11 +165,12 @@ def reset_codes(model: VQModel, codes: torch.Tensor, vectors: torch.Tensor, gene
 
 @torch.no_grad()
 def latent_std(model: VQModel, dataset, batch_size: int, device, max_images: int = 4096) -> float:
-    """Standard deviation of the encoder's output (all channels and positions) over up to ``max_images`` images."""
+    """Standard deviation of the encoder's output (all channels and positions) over up to ``max_images`` images
+    spread evenly over the data set (the built-in photos are ordered by photograph)."""
+    pick = torch.linspace(0, len(dataset) - 1, min(len(dataset), max_images)).round().long().tolist()
     total, total_sq, n = 0.0, 0.0, 0
-    for start in range(0, min(len(dataset), max_images), batch_size):
-        stop = min(start + batch_size, len(dataset), max_images)
-        images = torch.stack([dataset[i]["images"] for i in range(start, stop)]).to(device)
+    for start in range(0, len(pick), batch_size):
+        images = torch.stack([dataset[i]["images"] for i in pick[start:start + batch_size]]).to(device)
         h = model.encode(images).latents.double()
         total += float(h.sum())
         total_sq += float((h * h).sum())
@@ -294,7 +295,8 @@ def main(argv=None):
                     vectors = encoder_outputs(unwrapped, dataset, 256, code_generator, accelerator.device)
                     state["restarted_codes"] += reset_codes(unwrapped, dead, vectors, code_generator)
                 state["usage"].zero_()
-            logs = {"loss": loss.item(), "l1": l1.item(), "vq_loss": float(vq_loss), "lr": lr_scheduler.get_last_lr()[0]}
+            logs = {"loss": loss.detach().item(), "l1": l1.detach().item(), "vq_loss": float(vq_loss.detach()),
+                    "lr": lr_scheduler.get_last_lr()[0]}
             history.append({"step": global_step, **{k: logs[k] for k in ("l1", "vq_loss")}})
             progress.update(1)
             progress.set_postfix(l1=f"{logs['l1']:.4f}", vq=f"{logs['vq_loss']:.4f}")
