@@ -53,7 +53,7 @@ class CardInfo:
     macs_pruned: int
     macs_dense_noattn: int
     macs_pruned_noattn: int
-    resolution: int
+    resolution: int  # of the UNet's input (a latent teacher's latents)
     soft_steps: int
     pruning_steps: int
     rescore_every: int
@@ -252,7 +252,8 @@ def make_model_card(info: CardInfo):
         grid_sampler=info.grid_sampler,
         loading_snippet=loading_snippet(info.layout, repo_id, info.pipeline_class),
         loading_note=loading_note(info.layout, info.pipeline_class),
-        resolution=info.resolution,
+        resolution_text=(f"{info.resolution}x{info.resolution}"
+                         + (" (latents; the autoencoder's cost is not included)" if _kind(info.pipeline_class).frozen_components else "")),
         metrics_section=metrics_section,
         dataset_display=f"`{info.dataset}`",
         criterion=info.criterion,
