@@ -57,6 +57,7 @@ __all__ = [
     "PIPELINE_CLASSES",
     "register_kind",
     "kind_for_index",
+    "kind_for_pipeline",
     "supported_pipeline_classes",
 ]
 
@@ -547,3 +548,29 @@ def kind_for_index(model_index: Optional[dict], where: str, component_configs: O
     scheduler = model_index.get("scheduler")
     pipeline_class = _VARIANT_BASES.get(name, name)
     return kind(pipeline_class, _class_name(scheduler) or None, component_configs)
+
+
+def kind_for_pipeline(pipeline) -> PipelineKind:
+    """The kind of a pipeline already loaded (e.g. with remote code), holding its scheduler and frozen components.
+
+    Nothing is loaded or copied: the kind's components are the pipeline's own modules (set to eval mode without
+    gradients). A subclass of a supported pipeline (a remote-code variant) has its base's kind.
+
+    Raises
+    ------
+    ValueError
+        For a pipeline whose class and bases no kind takes.
+    """
+    for cls in type(pipeline).__mro__:
+        kind = PIPELINE_CLASSES.get(cls.__name__)
+        if kind is not None:
+            break
+    else:
+        raise ValueError(
+            f"A {type(pipeline).__name__} is not a pipeline diffusers-gfprune prunes; supported: {supported_pipeline_classes()}."
+        )
+    configs = {name: dict(getattr(pipeline, name).config) for name in kind.frozen_components}
+    bound = kind(_VARIANT_BASES.get(cls.__name__, cls.__name__), type(pipeline.scheduler).__name__, configs)
+    bound.components = {name: getattr(pipeline, name).eval().requires_grad_(False) for name in kind.frozen_components}
+    bound.scheduler = pipeline.scheduler
+    return bound

@@ -267,3 +267,28 @@ def test_card_snippet_names_the_teachers_class(layout, pipeline_class, call, men
     if layout == "stock":
         assert snippet.startswith(f"from diffusers import {pipeline_class}\n")
     assert ("`vqvae`" in loading_note(layout, pipeline_class)) is mentions_vqvae
+
+
+def test_kind_of_a_loaded_pipeline():
+    """A pipeline loaded some other way (remote code, a user's own object) gives its kind with its own components."""
+    from diffusers_gfprune.pipeline_kinds import kind_for_pipeline
+
+    vqvae, unet = tiny_vqvae(), tiny_unet()
+    ldm = LDMPipeline(vqvae=vqvae, unet=unet, scheduler=DDIMScheduler())
+    kind = kind_for_pipeline(ldm)
+    assert type(kind) is LatentKind and kind.components["vqvae"] is vqvae and kind.scheduler is ldm.scheduler
+    assert kind.image_shape(unet) == (3, 16, 16)
+
+    class Variant(DDIMPipeline):  # e.g. a remote-code subclass
+        pass
+
+    kind = kind_for_pipeline(Variant(unet=unet, scheduler=DDIMScheduler()))
+    assert type(kind) is PixelKind and kind.pipeline_class == "DDIMPipeline" and kind.scheduler_class == "DDIMScheduler"
+
+    class Other(DiffusionPipeline):
+        def __init__(self, unet, scheduler):
+            super().__init__()
+            self.register_modules(unet=unet, scheduler=scheduler)
+
+    with pytest.raises(ValueError, match="Other.*LDMPipeline"):
+        kind_for_pipeline(Other(unet=unet, scheduler=DDPMScheduler()))
