@@ -53,12 +53,14 @@ __all__ = [
     "PixelKind",
     "LatentKind",
     "LatentCacheConfig",
+    "LatentDataset",
     "KINDS",
     "PIPELINE_CLASSES",
     "register_kind",
     "kind_for_index",
     "kind_for_pipeline",
     "supported_pipeline_classes",
+    "public_source_name",
 ]
 
 
