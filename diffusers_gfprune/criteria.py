@@ -42,6 +42,12 @@ In a data-parallel run every process passes its own slice of the global batch; g
 vector products and losses are averaged across processes, so the scores equal those of one process
 that sees the whole global batch (for ``gradient_flow``: with an even number of images per process,
 so that "every other image" picks the same images).
+
+Placement and memory: everything is computed and averaged on the model's device (NCCL reduces only CUDA
+tensors) and the scores are returned there; the pruner brings them to the host where it decides. A loss with a
+``chunk_size`` (:class:`~diffusers_gfprune.objective.DDPMLoss`) is differentiated that many images at a time,
+so a criterion's memory is bounded by that setting, not by the scoring mini-batch. Criteria run in whatever
+precision the model runs; the pruner calls them in float32 (:func:`~diffusers_gfprune.precision.full_precision`).
 """
 
 from __future__ import annotations
@@ -52,9 +58,9 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Dict, List, Optional, Sequence, Type
 
 import torch
-import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .distributed import all_reduce_mean
 from .objective import DDPMLoss
 from .units import OUT, UnitSet
 
@@ -140,20 +146,6 @@ class DiffPruningConfig:
 
 
 # ---------------------------------------------------------------------- helpers
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def all_reduce_mean(tensors: Sequence[torch.Tensor]) -> None:
-    """Average tensors in place across processes (no-op in a single process)."""
-    world = _world_size()
-    if world == 1:
-        return
-    for t in tensors:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t.div_(world)
-
-
 @contextmanager
 def math_attention():
     """The fused CPU SDPA kernel has no double backward; the math kernel has."""
@@ -168,6 +160,15 @@ def _params(model) -> List[torch.Tensor]:
 def _grad(loss: torch.Tensor, params, create_graph: bool = False) -> List[torch.Tensor]:
     grads = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+def _loss_grad(model, loss_fn: DDPMLoss, params) -> List[torch.Tensor]:
+    """The gradient of ``loss_fn`` (this process), chunk by chunk (:meth:`DDPMLoss.chunks`)."""
+    total = [torch.zeros_like(p) for p in params]
+    for weight, piece in loss_fn.chunks():
+        for acc, g in zip(total, _grad(piece(model), params)):
+            acc.add_(g, alpha=weight)
+    return total
 
 
 class UnitReducer:
@@ -189,13 +190,24 @@ class UnitReducer:
                         continue  # a bias belongs to the output channels only
                     self.terms.append((family.name, f"{s.module}.{pname}", axis, s.family_index, s.layer_index))
 
+        self._indices: Dict[torch.device, list] = {}
+
+    def _on(self, device) -> list:
+        """The index tensors of :attr:`terms` on ``device`` (moved once per device)."""
+        device = torch.device(device)
+        if device not in self._indices:
+            self._indices[device] = [(f.to(device), l.to(device)) for _, _, _, f, l in self.terms]
+        return self._indices[device]
+
     def __call__(self, per_param: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        channel_sums = {f.name: torch.zeros(f.num_channels, dtype=torch.float64) for f in self.units}
-        for family, pname, axis, family_index, layer_index in self.terms:
+        """Unit sums in float64, on the device of the per-parameter values (no copy to the host)."""
+        device = next(iter(per_param.values())).device
+        channel_sums = {f.name: torch.zeros(f.num_channels, dtype=torch.float64, device=device) for f in self.units}
+        for (family, pname, axis, _, _), (family_index, layer_index) in zip(self.terms, self._on(device)):
             value = per_param[pname].detach().double()
             dims = [d for d in range(value.dim()) if d != axis]
             per_channel = value.sum(dim=dims) if dims else value
-            channel_sums[family].index_add_(0, family_index, per_channel.cpu()[layer_index])
+            channel_sums[family].index_add_(0, family_index, per_channel[layer_index])
         return {
             f.name: channel_sums[f.name].view(f.num_units, f.unit_size).sum(1) for f in self.units
         }
@@ -211,13 +223,14 @@ class UnitReducer:
         for family_name, pname, axis, family_index, layer_index in self.terms:
             family = self.units[family_name]
             param = params[pname]
-            per_channel = unit_values[family_name].to(param.dtype).cpu()[family_index // family.unit_size]
-            vector = torch.zeros(param.shape[axis], dtype=param.dtype).index_add_(0, layer_index, per_channel)
+            device = param.device
+            per_channel = unit_values[family_name].to(device, param.dtype)[(family_index // family.unit_size).to(device)]
+            vector = torch.zeros(param.shape[axis], dtype=param.dtype, device=device).index_add_(0, layer_index.to(device), per_channel)
             shape = [1] * param.dim()
             shape[axis] = -1
             if pname not in out:
                 out[pname] = torch.zeros_like(param)
-            out[pname] += vector.to(param.device).view(shape)
+            out[pname] += vector.view(shape)
         return out
 
 
@@ -275,11 +288,18 @@ class GradientFlow(Criterion):
         g = [torch.zeros_like(p) for p in params]
         for loss_fn in losses:
             if self.config.hvp == "exact":
-                with math_attention():
-                    grads = _grad(loss_fn(model), params, create_graph=True)
-                    dot = sum((x * v).sum() for x, v in zip(grads, vector))
-                    part = _grad(dot, params)
-                grads = [x.detach() for x in grads]
+                part = [torch.zeros_like(p) for p in params]
+                grads = [torch.zeros_like(p) for p in params]
+                for weight, piece in loss_fn.chunks():  # H v is linear in the loss: chunk by chunk, v fixed
+                    with math_attention():
+                        piece_grads = _grad(piece(model), params, create_graph=True)
+                        dot = sum((x * v).sum() for x, v in zip(piece_grads, vector))
+                        piece_part = _grad(dot, params)
+                    for acc, x in zip(part, piece_part):
+                        acc.add_(x, alpha=weight)
+                    for acc, x in zip(grads, piece_grads):
+                        acc.add_(x.detach(), alpha=weight)
+                    del piece_grads, dot, piece_part
             else:
                 part, grads = self._finite_difference(model, loss_fn, params, vector)
             for acc, x in zip(hv, part):
@@ -299,11 +319,11 @@ class GradientFlow(Criterion):
             with torch.no_grad():
                 for p, t, d in zip(params, theta, vector):
                     p.copy_(t + eps * d)
-            plus = _grad(loss_fn(model), params)
+            plus = _loss_grad(model, loss_fn, params)
             with torch.no_grad():
                 for p, t, d in zip(params, theta, vector):
                     p.copy_(t - eps * d)
-            minus = _grad(loss_fn(model), params)
+            minus = _loss_grad(model, loss_fn, params)
         finally:
             with torch.no_grad():
                 for p, t in zip(params, theta):
@@ -315,7 +335,7 @@ class GradientFlow(Criterion):
         params = _params(model)
         g = [torch.zeros_like(p) for p in params]
         for loss_fn in losses:
-            for acc, x in zip(g, _grad(loss_fn(model), params)):
+            for acc, x in zip(g, _loss_grad(model, loss_fn, params)):
                 acc.add_(x, alpha=1.0 / len(losses))
         all_reduce_mean(g)
         return g
@@ -343,18 +363,20 @@ class GradientFlow(Criterion):
         # A float64 leaf for the hooks to gather from: the gradient is then as precise as the model allows.
         masks.values = original.detach().double().requires_grad_(True)
         try:
-            (grad,) = torch.autograd.grad(loss_fn(model), masks.values)
+            grad = torch.zeros_like(masks.values)
+            for weight, piece in loss_fn.chunks():
+                (part,) = torch.autograd.grad(piece(model), masks.values)
+                grad.add_(part, alpha=weight)
         finally:
             masks.values = original
-        grad = grad.detach().cpu()
-        all_reduce_mean([grad])
+        all_reduce_mean([grad])  # on the model's device
         return grad
 
     def observe(self, mask_grad: torch.Tensor) -> None:
         """Record the mask gradient of one training step (already averaged across processes)."""
         if self.config.form != "mask_flow" or not self.config.trajectory:
             return
-        square = mask_grad.detach().double().cpu() ** 2
+        square = mask_grad.detach().double() ** 2  # stays on the device: no wait for it at every step
         self._observed = square if self._observed is None else self._observed + square
         self._num_observed += 1
 
@@ -393,12 +415,14 @@ class GradientFlow(Criterion):
         """
         reducer = self.reducer(model, units)
         params = _params(model)
+        device = params[0].device
         names = [n for n, p in model.named_parameters() if p.requires_grad]
-        linear = {f.name: torch.zeros(f.num_units, dtype=torch.float64) for f in units}
-        quadratic = {f.name: torch.zeros(f.num_units, dtype=torch.float64) for f in units}
+        linear = {f.name: torch.zeros(f.num_units, dtype=torch.float64, device=device) for f in units}
+        quadratic = {f.name: torch.zeros(f.num_units, dtype=torch.float64, device=device) for f in units}
         for b, loss_fn in enumerate(losses):
             generator = torch.Generator().manual_seed(self.config.probe_seed * 1_000_003 + b)
-            signs = {f.name: torch.randint(0, 2, (f.num_units,), generator=generator).double() * 2 - 1 for f in units}
+            # Drawn on the host (the same signs on every device and process), used on the model's device.
+            signs = {f.name: (torch.randint(0, 2, (f.num_units,), generator=generator).double() * 2 - 1).to(device) for f in units}
             spread = reducer.expand(model, signs)
             vector = [p.detach() * spread[n] if n in spread else torch.zeros_like(p) for n, p in zip(names, params)]
             hv, g = self.hessian_vector_product(model, [loss_fn], vector)
@@ -416,7 +440,7 @@ class GradientFlow(Criterion):
         if self._num_observed and masks.units is units:
             flat = self._observed / self._num_observed
         else:
-            flat = torch.zeros(masks.values.numel(), dtype=torch.float64)
+            flat = torch.zeros(masks.values.numel(), dtype=torch.float64, device=masks.values.device)
             for loss_fn in losses:
                 flat += self.mask_gradient(model, masks, loss_fn) ** 2 / len(losses)
         self.reset_observations()
@@ -442,7 +466,7 @@ class Taylor(Criterion):
         params = _params(model)
         grads = [torch.zeros_like(p) for p in params]
         for loss_fn in losses:
-            for acc, g in zip(grads, _grad(loss_fn(model), params)):
+            for acc, g in zip(grads, _loss_grad(model, loss_fn, params)):
                 acc.add_(g, alpha=1.0 / len(losses))
         all_reduce_mean(grads)
         return self._taylor(model, units, params, grads)
@@ -468,7 +492,7 @@ class Random(Criterion):
     needs_data = False
 
     def score(self, model, units, losses=(), masks=None):
-        generator = torch.Generator().manual_seed(self.config.seed)
+        generator = torch.Generator().manual_seed(self.config.seed)  # on the host: the same scores on every device
         return {f.name: torch.rand(f.num_units, generator=generator, dtype=torch.float64) for f in units}
 
 
@@ -482,19 +506,18 @@ class DiffPruning(Taylor):
         num_train = losses[0].scheduler.config.num_train_timesteps
         steps = torch.linspace(0, num_train - 1, self.config.num_timesteps).round().long().unique()
         max_loss = 0.0
+        device = params[0].device
         for t in steps.tolist():
             step_grads = [torch.zeros_like(p) for p in params]
-            step_loss = torch.zeros((), dtype=torch.float64)
+            step_loss = torch.zeros((), dtype=torch.float64, device=device)
             for loss_fn in losses:
-                fixed = DDPMLoss(
-                    loss_fn.images, loss_fn.noise, torch.full_like(loss_fn.timesteps, t),
-                    loss_fn.scheduler, loss_fn.prediction_type,
-                )
-                loss = fixed(model)
-                step_loss += float(loss.detach()) / len(losses)
-                for acc, g in zip(step_grads, _grad(loss, params)):
-                    acc.add_(g, alpha=1.0 / len(losses))
-            all_reduce_mean([step_loss])
+                fixed = loss_fn.with_timesteps(torch.full_like(loss_fn.timesteps, t))
+                for weight, piece in fixed.chunks():
+                    loss = piece(model)
+                    step_loss += loss.detach().double() * (weight / len(losses))
+                    for acc, g in zip(step_grads, _grad(loss, params)):
+                        acc.add_(g, alpha=weight / len(losses))
+            all_reduce_mean([step_loss])  # on the device; the stop below is a decision, read once per timestep
             max_loss = max(max_loss, float(step_loss))
             if float(step_loss) < self.config.thr * max_loss:
                 break  # the rest of the trajectory is high-noise and barely informative

@@ -8,12 +8,25 @@ mask is non-zero, split into the groups the exported model will have
 therefore computes what the exported model computes.
 
 Masks are forward hooks: cheap, differentiable in the mask values, and removable.
+
+Placement: the mask values and index tables follow the model. A hook that meets an output on another device
+moves them there (a model moved by ``accelerate.prepare`` after the masks were made keeps working), and
+:meth:`UnitMasks.to` moves them explicitly. The mask is cast to each output's dtype, so mixed precision and a
+model cast after the masks were made both work; under CUDA autocast a GroupNorm returns float32 from half inputs,
+and the mask-aware GroupNorm keeps the dtype the layer returned.
+
+Host synchronisation: which units are at exactly 0 decides the GroupNorm's grouping and needs the values on the
+host. Values written through :meth:`UnitMasks.set_family`, :meth:`UnitMasks.set_all` or :meth:`UnitMasks.fill_`
+come from the host, so their zero pattern is recorded then and the forward pass never waits for the device. Values
+changed any other way (in place on the device, or a new tensor assigned to ``values``) are detected through the
+tensor's version counter and read back once, not at every forward.
 """
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -53,11 +66,35 @@ class UnitMasks:
         # One flat vector for all units: the hooks gather from it, checkpoints store it per family.
         self.values = torch.ones(total, device=param.device, dtype=torch.float32)
         self._handles: List[torch.utils.hooks.RemovableHandle] = []
-        self._gather = self._build_gather_indices(dict(model.named_modules()))
+        self._gather_host = self._build_gather_indices(dict(model.named_modules()))
+        self._gather: Dict[str, torch.Tensor] = {}  # the tables on the values' device
+        self._alive_host = torch.ones(total, dtype=torch.bool)  # which units are non-zero, known on the host
+        self._alive_key: Optional[Tuple[weakref.ref, int]] = None
+        self._keep_cache: Dict[str, Tuple[Optional[torch.Tensor], int]] = {}  # GroupNorm: kept channels, groups
+        self._mark_alive_known()
+
+    # ------------------------------------------------------------------ placement
+    def to(self, device=None) -> "UnitMasks":
+        """Move the mask values and index tables to ``device`` (the model's device, by default)."""
+        device = torch.device(device) if device is not None else next(self.model.parameters()).device
+        if self.values.device != device:
+            known = self._alive_known()
+            requires_grad = self.values.requires_grad
+            with torch.no_grad():
+                self.values = self.values.detach().to(device).requires_grad_(requires_grad)
+            self._gather = {}
+            self._keep_cache = {}
+            if known:
+                self._mark_alive_known()
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
 
     # ------------------------------------------------------------------ index tables
     def _build_gather_indices(self, modules) -> Dict[str, torch.Tensor]:
-        """For each producing layer, the flat unit index of each output channel (-1: not a unit)."""
+        """For each producing layer, the flat unit index of each output channel (-1: not a unit), on the host."""
         gather: Dict[str, torch.Tensor] = {}
         for family in self.units:
             unit_of_channel = family.channel_to_unit() + self.offsets[family.name]
@@ -68,14 +105,58 @@ class UnitMasks:
                     size = _out_size(modules[s.module])
                     gather[s.module] = torch.full((size,), -1, dtype=torch.long)
                 gather[s.module][s.layer_index] = unit_of_channel[s.family_index]
-        device = self.values.device
-        return {k: v.to(device) for k, v in gather.items()}
+        return gather
 
-    def _channel_mask(self, module_name: str, dtype) -> torch.Tensor:
-        index = self._gather[module_name]
+    def _table(self, module_name: str) -> torch.Tensor:
+        table = self._gather.get(module_name)
+        if table is None or table.device != self.values.device:
+            table = self._gather[module_name] = self._gather_host[module_name].to(self.values.device)
+        return table
+
+    def _channel_mask(self, module_name: str, dtype, device=None) -> torch.Tensor:
+        if device is not None and device != self.values.device:
+            self.to(device)  # the model moved after the masks were made (accelerate.prepare, .to(...))
+        index = self._table(module_name)
         # Channels outside every family (none today, by construction) keep a factor of 1.
         padded = torch.cat([self.values, self.values.new_ones(1)])
         return padded[index].to(dtype)
+
+    # ------------------------------------------------------------------ which units are alive (host side)
+    def _alive_known(self) -> bool:
+        if self._alive_key is None:
+            return False
+        ref, version = self._alive_key
+        return ref() is self.values and version == self.values._version
+
+    def _mark_alive_known(self, alive: Optional[torch.Tensor] = None) -> None:
+        """Record the host copy of the zero pattern as valid for the values as they are now."""
+        if alive is not None:
+            self._alive_host = alive
+        self._alive_key = (weakref.ref(self.values), self.values._version)
+        self._keep_cache = {}
+
+    def alive(self) -> torch.Tensor:
+        """Boolean per unit on the host: mask value non-zero (read back from the device only when it changed)."""
+        if not self._alive_known():
+            self._mark_alive_known((self.values.detach() != 0).cpu())
+        return self._alive_host
+
+    def _group_norm_plan(self, module_name: str, module: nn.GroupNorm):
+        """(kept channel indices on the values' device or None when every channel lives, groups of the kept ones)."""
+        alive = self.alive()  # may refresh the cache
+        plan = self._keep_cache.get(module_name)
+        if plan is not None and (plan[0] is None or plan[0].device == self.values.device):
+            return plan
+        index = self._gather_host[module_name]
+        padded = torch.cat([alive, torch.ones(1, dtype=torch.bool)])
+        channel_alive = padded[index]
+        if bool(channel_alive.all()):
+            plan = (None, module.num_groups)
+        else:
+            keep = channel_alive.nonzero().squeeze(1)
+            plan = (keep.to(self.values.device), export_num_groups(int(keep.numel()), module.num_groups, module.num_channels))
+        self._keep_cache[module_name] = plan
+        return plan
 
     # ------------------------------------------------------------------ hooks
     def attach(self) -> "UnitMasks":
@@ -83,7 +164,7 @@ class UnitMasks:
         if self._handles:
             return self
         modules = dict(self.model.named_modules())
-        for name in self._gather:
+        for name in self._gather_host:
             module = modules[name]
             if isinstance(module, nn.GroupNorm):
                 hook = self._group_norm_hook(name)
@@ -113,9 +194,23 @@ class UnitMasks:
             if not was:
                 self.detach()
 
+    @contextmanager
+    def all_kept(self):
+        """Every mask at 1 inside the context; the values (and their known zero pattern) restored after."""
+        saved = self.values.detach().clone()
+        known, alive = self._alive_known(), self._alive_host
+        self.fill_(1.0)
+        try:
+            yield self
+        finally:
+            with torch.no_grad():
+                self.values.copy_(saved)
+            if known:
+                self._mark_alive_known(alive)
+
     def _producer_hook(self, name: str):
         def hook(module, args, output):
-            mask = self._channel_mask(name, output.dtype)
+            mask = self._channel_mask(name, output.dtype, output.device)
             if output.dim() == 4:
                 return output * mask.view(1, -1, 1, 1)
             return output * mask  # Linear, Embedding: channels are the last dimension
@@ -124,19 +219,19 @@ class UnitMasks:
 
     def _group_norm_hook(self, name: str):
         def hook(module: nn.GroupNorm, args, output):
-            mask = self._channel_mask(name, output.dtype)
-            alive = mask != 0
-            if bool(alive.all()):
+            mask = self._channel_mask(name, output.dtype, output.device)
+            keep, num_groups = self._group_norm_plan(name, module)
+            if keep is None:
                 return output * _expand(mask, output)
-            # Recompute over the surviving channels, grouped as the exported layer groups them.
+            # Recompute over the surviving channels, grouped as the exported layer groups them. The result keeps
+            # the dtype the layer returned (float32 under CUDA autocast, whatever the input's dtype).
             (x,) = args
-            keep = alive.nonzero().squeeze(1)
-            num_groups = export_num_groups(int(keep.numel()), module.num_groups, module.num_channels)
             weight = module.weight[keep] if module.weight is not None else None
             bias = module.bias[keep] if module.bias is not None else None
-            kept = F.group_norm(x.index_select(1, keep), num_groups, weight, bias, module.eps)
-            full = x.new_zeros(x.shape).index_copy(1, keep, kept)
-            return full * _expand(mask, full)
+            kept = F.group_norm(x.index_select(1, keep), num_groups, weight, bias, module.eps).to(output.dtype)
+            kept = kept * _expand(mask.index_select(0, keep), kept)
+            # Removed channels are exactly 0; one buffer, no further copy of the activation.
+            return kept.new_zeros(output.shape).index_copy(1, keep, kept)
 
         return hook
 
@@ -148,19 +243,38 @@ class UnitMasks:
 
     def set_family(self, name: str, values: torch.Tensor) -> None:
         family = self.units[name]
-        values = torch.as_tensor(values, dtype=self.values.dtype, device=self.values.device)
-        if values.shape != (family.num_units,):
+        given = torch.as_tensor(values)
+        if given.shape != (family.num_units,):
             raise ValueError(
-                f"Family {name!r} has {family.num_units} units, got mask values of shape {tuple(values.shape)}."
+                f"Family {name!r} has {family.num_units} units, got mask values of shape {tuple(given.shape)}."
             )
-        _check_range(values, name)
         start = self.offsets[name]
+        self._write(slice(start, start + family.num_units), given, name)
+
+    def set_all(self, values: torch.Tensor) -> None:
+        """Every unit's value at once, in the flat order of :attr:`values` (one copy to the device)."""
+        given = torch.as_tensor(values)
+        if given.shape != self.values.shape:
+            raise ValueError(f"Expected {self.values.numel()} mask values, got shape {tuple(given.shape)}.")
+        self._write(slice(None), given, "all units")
+
+    def _write(self, where: slice, given: torch.Tensor, what: str) -> None:
+        known = self._alive_known()
+        on_host = given.device.type == "cpu"
+        _check_range(given, what)  # values from the host (the pruner's) are checked without waiting for the device
         with torch.no_grad():
-            self.values[start : start + family.num_units] = values
+            self.values[where] = given.to(self.values.device, self.values.dtype, non_blocking=True)
+        if on_host and known:
+            alive = self._alive_host.clone()
+            alive[where] = given != 0
+            self._mark_alive_known(alive)
+        elif on_host and where == slice(None):
+            self._mark_alive_known(given != 0)
 
     def fill_(self, value: float = 1.0) -> None:
         with torch.no_grad():
             self.values.fill_(value)
+        self._mark_alive_known(torch.full_like(self._alive_host, value != 0))
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         """All mask values, one tensor per family (a copy; safe to save with safetensors)."""

@@ -32,6 +32,10 @@ class DDPMLoss:
         Gives ``alphas_cumprod`` (through ``add_noise`` and ``get_velocity``).
     prediction_type : str
         ``"epsilon"``, ``"sample"`` or ``"v_prediction"``.
+    chunk_size : int, optional
+        Criteria that differentiate this loss do it at most ``chunk_size`` images at a time and sum the pieces
+        (:meth:`chunks`), so that their memory is bounded by this number, not by the mini-batch (a double backward
+        holds several times the activations of a training step). ``None``: the whole mini-batch at once.
     """
 
     images: torch.Tensor
@@ -39,10 +43,13 @@ class DDPMLoss:
     timesteps: torch.Tensor
     scheduler: object
     prediction_type: str = "epsilon"
+    chunk_size: Optional[int] = None
 
     def __post_init__(self):
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"Unknown prediction_type {self.prediction_type!r}; choose one of {PREDICTION_TYPES}.")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be None or >= 1, got {self.chunk_size}.")
 
     def __call__(self, model) -> torch.Tensor:
         output = model(self.noisy(), self.timesteps).sample
@@ -62,7 +69,24 @@ class DDPMLoss:
 
     def subset(self, index) -> "DDPMLoss":
         """The same loss on the images selected by ``index`` (a slice or index tensor)."""
-        return DDPMLoss(self.images[index], self.noise[index], self.timesteps[index], self.scheduler, self.prediction_type)
+        return DDPMLoss(self.images[index], self.noise[index], self.timesteps[index], self.scheduler, self.prediction_type,
+                        self.chunk_size)
+
+    def with_timesteps(self, timesteps: torch.Tensor) -> "DDPMLoss":
+        """The same images and noise at other timesteps."""
+        return DDPMLoss(self.images, self.noise, timesteps, self.scheduler, self.prediction_type, self.chunk_size)
+
+    def chunks(self):
+        """``[(weight, loss)]`` whose weighted sum is this loss, each on at most ``chunk_size`` images.
+
+        The loss is a mean over images of equal size, so the weights are the chunks' shares of the batch and any
+        gradient (or Hessian-vector product) of the whole is the weighted sum of the chunks' ones.
+        """
+        size = self.images.shape[0]
+        if self.chunk_size is None or size <= self.chunk_size:
+            return [(1.0, self)]
+        return [(min(self.chunk_size, size - start) / size, self.subset(slice(start, start + self.chunk_size)))
+                for start in range(0, size, self.chunk_size)]
 
     def split(self, parts: int, index: int) -> "DDPMLoss":
         """The ``index``-th of ``parts`` equal slices of the batch (for data-parallel scoring)."""
@@ -70,8 +94,7 @@ class DDPMLoss:
         if size % parts:
             raise ValueError(f"A batch of {size} cannot be split into {parts} equal parts.")
         step = size // parts
-        sl = slice(index * step, (index + 1) * step)
-        return DDPMLoss(self.images[sl], self.noise[sl], self.timesteps[sl], self.scheduler, self.prediction_type)
+        return self.subset(slice(index * step, (index + 1) * step))
 
 
 def sample_timesteps(
@@ -96,11 +119,15 @@ def stratified_timesteps(
 
     A batch then covers the whole noise range evenly instead of by chance, which removes the
     timestep draw from the variance of a loss or gradient estimate (the per-timestep losses of a
-    DDPM differ by orders of magnitude).
+    DDPM differ by orders of magnitude). A batch larger than ``T`` (a global scoring batch of 128 on 8 GPUs)
+    takes every timestep ``floor(B / T)`` or ``ceil(B / T)`` times.
     """
-    if not 1 <= batch_size <= num_train_timesteps:
-        raise ValueError(f"Stratified timesteps need 1 <= batch size <= T = {num_train_timesteps}, got {batch_size}.")
+    if batch_size < 1 or num_train_timesteps < 1:
+        raise ValueError(f"Stratified timesteps need a batch size >= 1 and T >= 1, got {batch_size} and {num_train_timesteps}.")
     offset = float(torch.rand((), generator=generator))
+    if batch_size > num_train_timesteps:
+        # Strata narrower than one timestep: image i takes floor(i T / B), every timestep as evenly often as B allows.
+        return torch.div(torch.arange(batch_size) * num_train_timesteps, batch_size, rounding_mode="floor").to(device or "cpu")
     # Integer stratum boundaries floor(i T / B): every timestep lies inside its own stratum.
     bounds = torch.div(torch.arange(batch_size + 1) * num_train_timesteps, batch_size, rounding_mode="floor")
     widths = bounds[1:] - bounds[:-1]

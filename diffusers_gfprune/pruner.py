@@ -13,6 +13,12 @@ Steps ``t = 0 .. T``. With the soft phase ending at ``N`` and the pruning stage 
 
 Units that are masked to 0 give no gradient signal, so in the hard phase they are scored in a
 second pass with their masks at 1 ("probe", ``reactivation=True``).
+
+Placement and precision: the masks follow the model's device (:meth:`GradientFlowPruner.to`, and the hooks move
+them on first use); the criteria run in float32 whatever the training precision
+(:func:`~diffusers_gfprune.precision.full_precision`) and compute on the device; the scores come to the host once
+per re-scoring, where the selection is decided, and every process checks that all processes selected the same
+units (:func:`~diffusers_gfprune.distributed.check_rank_agreement`).
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ import torch
 
 from . import schedules
 from .criteria import Criterion, get_criterion
+from .distributed import all_reduce_mean, check_rank_agreement
 from .masks import UnitMasks
+from .precision import full_precision, unscaled
 from .selection import SELECTIONS, check_round_to, prune_counts_local, select
 from .units import UnitSet
 
@@ -157,6 +165,11 @@ class GradientFlowPruner:
         self.last_changes = 0
         self.history: List[dict] = []
 
+    def to(self, device=None) -> "GradientFlowPruner":
+        """Move the masks to ``device`` (default: the model's); call after ``accelerator.prepare`` moved the model."""
+        self.masks.to(device)
+        return self
+
     # ------------------------------------------------------------------ phases
     def phase(self, step: Optional[int] = None) -> str:
         step = self.step_count if step is None else step
@@ -227,6 +240,7 @@ class GradientFlowPruner:
             )
             previous = self.pruned
             self.pruned = proposal if self.config.process == "one-shot" else self._evolve(previous, proposal, phase)
+            check_rank_agreement(self.pruned, f"the units selected at step {step}", self.masks.device)
             self.last_changes = sum(int((self.pruned[k] & ~previous[k]).sum()) for k in self.pruned)
             rescored = True
         if phase != "done":
@@ -291,17 +305,11 @@ class GradientFlowPruner:
             # the training steps observed in the masked model are not in that state.
             self._reset_observations()
         else:
-            fresh = self.criterion.score(self.model, self.units, data, masks=self.masks)
+            fresh = self._score(data)
         if probing:
             # Pruned units have zero gradient; score them as if they were back.
-            saved = self.masks.values.detach().clone()
-            with torch.no_grad():
-                self.masks.values.fill_(1.0)
-            try:
-                probe = self.criterion.score(self.model, self.units, data, masks=self.masks)
-            finally:
-                with torch.no_grad():
-                    self.masks.values.copy_(saved)
+            with self.masks.all_kept():
+                probe = self._score(data)
             fresh = probe if fair else {k: torch.where(self.pruned[k], probe[k], fresh[k]) for k in fresh}
         ema = self.config.score_ema
         if self.scores is None or ema == 0:
@@ -310,27 +318,39 @@ class GradientFlowPruner:
             self.scores = {k: ema * self.scores[k] + (1 - ema) * fresh[k] for k in fresh}
         self.num_rescorings += 1
 
+    def _score(self, data) -> Dict[str, torch.Tensor]:
+        """The criterion's scores in float32 arithmetic (or finer), brought to the host where the selection is made."""
+        with full_precision(self.model):
+            scores = self.criterion.score(self.model, self.units, data, masks=self.masks)
+        return {k: v.detach().double().cpu() for k, v in scores.items()}
+
     # ------------------------------------------------------------------ the training trajectory
     @property
     def wants_mask_gradients(self) -> bool:
         """Whether the training loop should keep ``masks.values.grad`` for :meth:`observe_training_step`."""
         return bool(getattr(self.criterion, "uses_trajectory", False)) and self.phase() != "done"
 
-    def observe_training_step(self) -> None:
+    def observe_training_step(self, grad_scale: Optional[float] = None) -> None:
         """Hand the mask gradient of the training step just taken to the criterion (then clear it).
 
         Call after the backward pass of every optimizer step of the pruning stage; the gradient is
-        averaged across processes first, so every process records what one process with the whole
+        averaged across processes first (on the device), so every process records what one process with the whole
         global batch would.
-        """
-        from .criteria import all_reduce_mean
 
+        Parameters
+        ----------
+        grad_scale : float, optional
+            The loss scale of fp16 training (``accelerator.scaler.get_scale()``): the gradient is divided by it, and a
+            step whose gradient overflowed (the optimizer skips it too) is not recorded. ``None``: no scaling.
+        """
         values = self.masks.values
         if values.grad is None:
             return
-        grad = values.grad.detach().double().cpu()
+        grad = unscaled(values.grad.detach().double(), grad_scale)
         values.grad = None
         all_reduce_mean([grad])
+        if grad_scale is not None and not bool(torch.isfinite(grad).all()):
+            return  # an overflowed fp16 step: the scaler skips the update and lowers the scale
         self.criterion.observe(grad)
 
     def _reset_observations(self) -> None:
@@ -339,10 +359,12 @@ class GradientFlowPruner:
             reset()
 
     def _write_masks(self, value: float) -> None:
+        # Built on the host and copied once: the masks know their zero pattern without reading the device.
+        flat = torch.ones(self.units.num_units)
         for family in self.units:
-            values = torch.ones(family.num_units)
-            values[self.pruned[family.name]] = value
-            self.masks.set_family(family.name, values)
+            start = self.masks.offsets[family.name]
+            flat[start : start + family.num_units][self.pruned[family.name]] = value
+        self.masks.set_all(flat)
 
     # ------------------------------------------------------------------ results
     def current_sparsity(self) -> float:
@@ -368,7 +390,7 @@ class GradientFlowPruner:
                 tensors[f"score/{name}"] = value.double()
         observed = getattr(self.criterion, "observation_state", lambda: {})()
         if observed.get("observed") is not None:
-            tensors["observed"] = observed["observed"].double()
+            tensors["observed"] = observed["observed"].double().cpu()
         meta = {
             "step": self.step_count,
             "num_rescorings": self.num_rescorings,
@@ -395,7 +417,9 @@ class GradientFlowPruner:
         self.num_rescorings = int(meta["num_rescorings"])
         self.history = list(meta["history"])
         if hasattr(self.criterion, "load_observation_state"):
-            self.criterion.load_observation_state({"observed": tensors.get("observed"), "num_observed": meta.get("num_observed", 0)})
+            observed = tensors.get("observed")
+            observed = observed.to(self.masks.device) if observed is not None else None
+            self.criterion.load_observation_state({"observed": observed, "num_observed": meta.get("num_observed", 0)})
 
     def save(self, directory: str) -> None:
         """Write ``pruner.safetensors`` and ``pruner.json`` into ``directory``."""

@@ -7,12 +7,13 @@ With no arguments it prunes the project's shipped digits teacher to about half i
 
 The real thing, on a GPU:
 
-    accelerate launch training/prune.py --pretrained_model_name_or_path google/ddpm-cifar10-32 \\
-        --dataset_name cifar10 --image_column img --target_sparsity 0.5 --output_dir ddpm-cifar10-gfp50 \\
+    accelerate launch --mixed_precision bf16 training/prune.py --pretrained_model_name_or_path google/ddpm-cifar10-32 \\
+        --dataset_name cifar10 --image_column img --target_macs 0.5 --output_dir ddpm-cifar10-gfp50 \\
         --max_train_steps 100000 --train_batch_size 128 --push_to_hub --hub_model_id user/ddpm-cifar10-gfp50
 """
 
 import argparse
+import gc
 import json
 import logging
 import math
@@ -38,6 +39,7 @@ from diffusers_gfprune.modeling_pruned_unet import PrunedUNet2DModel
 from diffusers_gfprune.plotting import plot_pruning_run
 from diffusers_gfprune.pruner import PROCESSES, REACTIVATION_RULES, SOFT_COMMITS, GradientFlowPruner, PrunerConfig
 from diffusers_gfprune.sampling import comparison_grid, sample_images
+from diffusers_gfprune.step_log import PeakMemory, StepLog
 from diffusers_gfprune.selection import check_macs_target
 from diffusers_gfprune.teacher import load_teacher, resolve_teacher
 from diffusers_gfprune.units import find_units
@@ -85,6 +87,10 @@ def parse_args(argv=None):
     p.add_argument("--score_batch_size", type=int, default=None, help="Images per scoring mini-batch (default: train_batch_size).")
     p.add_argument("--score_timesteps", type=str, default="stratified", choices=["stratified", "uniform"],
                    help="Timesteps of the scoring mini-batches: one per stratum of [0, T) (stratified) or uniform draws.")
+    p.add_argument("--score_chunk_size", type=int, default=32,
+                   help="The criteria differentiate at most this many images per process at a time and sum the pieces (the "
+                        "scores do not change): a double backward holds several times a training step's activations, so "
+                        "this bounds the scoring memory independently of --score_batch_size. Lower it if scoring runs out of memory.")
     p.add_argument("--score_resample", action="store_true",
                    help="Draw new scoring images and noise at every re-scoring (default: the same draw, fixed by --seed).")
     p.add_argument("--hvp", type=str, default="exact", choices=["exact", "finite_difference"], help="gradient_flow: how H v is computed.")
@@ -111,6 +117,9 @@ def parse_args(argv=None):
                    help="Blocks whose outputs are distilled: down_blocks.<i>, mid_block, up_blocks.<i>, or all.")
     d.add_argument("--distill_schedule", type=str, default="constant", choices=DISTILL_SCHEDULES,
                    help="The weights over the run: constant, or decaying from 1x at step 0 to 0 at the last step.")
+    parser.add_argument("--logging_steps", type=int, default=10,
+                        help="Read the loss back from the device every N steps (progress bar, trackers, the curves); in "
+                             "between, nothing in the training step waits for the GPU.")
     e = parser.add_argument_group("evaluation (at the end of the run; the numbers go into the card)")
     e.add_argument("--num_eval_images", type=int, default=300,
                    help="Image pairs (teacher, pruned) sampled from the same noise for SSIM and FID/KID; 0 skips the evaluation.")
@@ -216,6 +225,10 @@ def validate(args):
         raise ValueError(f"--target_macs is a fraction of the dense MACs in (0, 1], got {args.target_macs}.")
     if args.score_batches < 1:
         raise ValueError("--score_batches must be >= 1.")
+    if args.score_chunk_size < 1:
+        raise ValueError(f"--score_chunk_size is a number of images >= 1, got {args.score_chunk_size}.")
+    if args.logging_steps < 1:
+        raise ValueError(f"--logging_steps must be >= 1, got {args.logging_steps}.")
     score_batch = args.score_batch_size or args.train_batch_size
     if args.criterion == "gradient_flow" and args.gradient_flow_form in ("increase", "preserve") and score_batch < 2:
         raise ValueError(f"--gradient_flow_form {args.gradient_flow_form} takes g and H g from different images of each scoring "
@@ -333,39 +346,45 @@ def main(argv=None):
     state = {"stage": stage, "masks": None, "history": [], "seconds": {"pruning": 0.0, "finetune": 0.0}}
     ema = training.create_ema(student, args) if args.use_ema else None
     optimizer = training.create_optimizer(student, args)
-    lr_scheduler = training.create_lr_scheduler(optimizer, args, accelerator.num_processes)
+    lr_scheduler = training.create_lr_scheduler(optimizer, args, accelerator.num_processes, accelerator.split_batches)
+
+    def unwrapped(model):
+        """The model itself: no DDP wrapper, no torch.compile wrapper (accelerate keeps the latter by default)."""
+        return accelerator.unwrap_model(model, keep_torch_compile=False)
 
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
             for m in models:
-                accelerator.unwrap_model(m).save_pretrained(os.path.join(output_dir, "unet"))
+                unwrapped(m).save_pretrained(os.path.join(output_dir, "unet"))
                 weights.pop()
             if ema is not None:
                 ema.save_pretrained(os.path.join(output_dir, "unet_ema"))
             if pruner is not None and state["stage"] == "pruning":
                 pruner.save(os.path.join(output_dir, "pruner"))
-            tensors = {"noise/generator": noise.state_dict()["generator"]}
+            tensors = {f"noise/{k}": v for k, v in noise.state_dict().items()}
             tensors.update({f"masks/{k}": v for k, v in (state["masks"] or {}).items()})
             training.save_extra_state(output_dir, tensors, {"stage": state["stage"], "history": state["history"], "seconds": state["seconds"]})
 
     def load_hook(models, input_dir):
         for _ in range(len(models)):
-            m = accelerator.unwrap_model(models.pop())
+            m = unwrapped(models.pop())
             m.load_state_dict(type(m).from_pretrained(input_dir, subfolder="unet").state_dict())
         if ema is not None:
-            training.load_ema(ema, os.path.join(input_dir, "unet_ema"), type(student))
+            training.load_ema(ema, os.path.join(input_dir, "unet_ema"), type(unwrapped(student)))
         if pruner is not None and state["stage"] == "pruning":
             pruner.load(os.path.join(input_dir, "pruner"))
         tensors, meta = training.load_extra_state(input_dir)
         state["history"] = list(meta.get("history", []))
         state["seconds"] = dict(meta.get("seconds", state["seconds"]))
-        noise.load_state_dict({"generator": tensors["noise/generator"]})
+        noise.load_state_dict({k[len("noise/"):]: v for k, v in tensors.items() if k.startswith("noise/")})
         masks = {k[len("masks/"):]: v for k, v in tensors.items() if k.startswith("masks/")}
         state["masks"] = masks or None
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
     student, optimizer, dataloader, lr_scheduler = accelerator.prepare(student, optimizer, dataloader, lr_scheduler)
+    if pruner is not None:
+        pruner.to(accelerator.device)  # the masks were made on the host, before accelerate moved the model
     if ema is not None:
         ema.to(accelerator.device)
     teacher.to(accelerator.device)
@@ -391,29 +410,46 @@ def main(argv=None):
     steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
     progress = tqdm(total=args.max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="prune")
     score_batch = args.score_batch_size or args.train_batch_size
+    if criterion.needs_data and accelerator.mixed_precision != "no":
+        logger.info("Mixed precision %s: the criterion scores in float32 (gradients and Hessian-vector products "
+                    "would underflow or drown in rounding in half precision).", accelerator.mixed_precision)
 
     def scoring(step):
         """The criterion's mini-batches at ``step`` (drawn only when a re-scoring needs them)."""
         return lambda: training.scoring_losses(
             dataset, step, args.seed, score_batch, args.score_batches, noise_scheduler, args.prediction_type,
             accelerator.num_processes, accelerator.process_index, accelerator.device,
-            stratified=args.score_timesteps == "stratified", resample=args.score_resample,
+            stratified=args.score_timesteps == "stratified", resample=args.score_resample, chunk_size=args.score_chunk_size,
         )
 
+    def export_now(student, optimizer, lr_scheduler, ema):
+        """End of the pruning stage: physically remove the masked units; the dense student is released."""
+        state["masks"] = {k: v.detach().cpu().contiguous() for k, v in pruner.final_masks().items()}
+        slim = _export_and_rebuild(accelerator, unwrapped(student), ema, pruner, units, args, global_step)
+        state["stage"] = "finetune"
+        pruner.masks.detach()
+        if distiller is None and accelerator.device.type != "cpu":
+            teacher.to("cpu")  # needed again only for the final evaluation; its samples for the grids are taken
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return slim
+
+    log = StepLog(accelerator.gather, accelerator.num_processes, args.logging_steps)
+    memory = PeakMemory(accelerator.device)
     info = None
     loss_value = float("nan")
     pruning_seconds = 0.0
     if state["stage"] == "pruning" and config.process == "one-shot":
         # One shot: the dense teacher is scored once, the target is pruned at once and exported before any training.
         tick = time.time()
-        pruner.step(0, scoring(0))
+        with memory.phase("scoring"):
+            pruner.step(0, scoring(0))
         pruning_seconds += time.time() - tick
-        state["masks"] = {k: v.detach().cpu().contiguous() for k, v in pruner.final_masks().items()}
-        student, optimizer, lr_scheduler, ema = _export_and_rebuild(accelerator, student, ema, pruner, units, args, global_step)
-        state["stage"] = "finetune"
-        pruner.masks.detach()
+        student, optimizer, lr_scheduler, ema = export_now(student, optimizer, lr_scheduler, ema)
+        pruner = None
         state["seconds"]["pruning"] += time.time() - tick
-        accelerator.print(f"Pruned in one shot and exported at step 0: {count_parameters(accelerator.unwrap_model(student)):,} parameters")
+        accelerator.print(f"Pruned in one shot and exported at step 0: {count_parameters(unwrapped(student)):,} parameters")
         feature_map = _feature_map(distiller, teacher, units, pruner, state)
     micro_step = 0
     fid_reference = None
@@ -430,23 +466,28 @@ def main(argv=None):
                 micro_step += 1
                 if state["stage"] == "pruning" and info is None:
                     tick = time.time()
-                    info = pruner.step(global_step, scoring(global_step))
+                    with memory.phase("scoring"):
+                        info = pruner.step(global_step, scoring(global_step))
                     pruning_seconds += time.time() - tick
                     pruner.masks.values.requires_grad_(pruner.wants_mask_gradients)
-                ddpm = noise.loss(batch["images"], noise_scheduler, args.prediction_type)
-                if distiller is None:
-                    loss = objective = ddpm(student)
-                else:
-                    objective, parts = distiller(ddpm, student, global_step, feature_map)
-                    loss = parts["ddpm"]  # logged as "loss": the DDPM loss, comparable with runs without distillation
-                accelerator.backward(objective)
-                if state["stage"] == "pruning" and accelerator.sync_gradients and pruner.wants_mask_gradients:
-                    pruner.observe_training_step()  # mask_flow learns from the training steps themselves
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(student.parameters(), args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
+                with memory.phase("pruning_stage" if state["stage"] == "pruning" else "finetune"):
+                    ddpm = noise.loss(batch["images"], noise_scheduler, args.prediction_type)
+                    if distiller is None:
+                        loss = objective = ddpm(student)
+                        parts = {}
+                    else:
+                        objective, parts = distiller(ddpm, student, global_step, feature_map)
+                        loss = parts["ddpm"]  # logged as "loss": the DDPM loss, comparable with runs without distillation
+                    accelerator.backward(objective)
+                    if state["stage"] == "pruning" and accelerator.sync_gradients and pruner.wants_mask_gradients:
+                        # mask_flow learns from the training steps themselves; fp16 gradients are scaled
+                        scale = accelerator.scaler.get_scale() if accelerator.scaler is not None else None
+                        pruner.observe_training_step(grad_scale=scale)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(student.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad()
             if not accelerator.sync_gradients:
                 continue
             if ema is not None:
@@ -455,38 +496,37 @@ def main(argv=None):
             now = time.time()
             state["seconds"][state["stage"]] += now - tick_step
             tick_step = now
-            loss_value = accelerator.gather(loss.detach()).mean().item()
             phase = info["phase"] if info else "finetune"
             sparsity = info["sparsity"] if info else args.target_sparsity
             progress.update(1)
-            progress.set_postfix(phase=phase, sparsity=f"{sparsity:.2f}", loss=f"{loss_value:.4f}")
-            logs = {"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0], "sparsity": sparsity}
-            if info:
-                logs["mask_value"] = info["mask_value"]
-            if distiller is not None:
-                logs.update({f"distill_{k}": accelerator.gather(v).mean().item() for k, v in parts.items() if k != "ddpm"})
-            accelerator.log(logs, step=global_step)
-            state["history"].append({"step": global_step, "loss": loss_value, "phase": phase, "sparsity": sparsity,
-                            "mask_value": info["mask_value"] if info else None,
-                            **{k: v for k, v in logs.items() if k.startswith("distill_")}})
+            # The loss stays on the device until the log is read back (no wait for the GPU in the step).
+            log.add({"step": global_step, "phase": phase, "sparsity": sparsity, "lr": lr_scheduler.get_last_lr()[0],
+                     "mask_value": info["mask_value"] if info else None},
+                    {"loss": loss, **{f"distill_{k}": v for k, v in parts.items() if k != "ddpm"}})
 
-            if state["stage"] == "pruning" and global_step > config.pruning_steps:
+            exporting = state["stage"] == "pruning" and global_step > config.pruning_steps
+            checkpointing = global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps
+            validating = global_step % args.validation_steps == 0 or global_step == args.max_train_steps
+            if log.due(global_step) or exporting or checkpointing or validating:
+                for row in log.flush():
+                    loss_value = row["loss"]
+                    accelerator.log({k: v for k, v in row.items() if k not in ("step", "phase") and v is not None}, step=row["step"])
+                    state["history"].append({k: v for k, v in row.items() if k != "lr"})
+                progress.set_postfix(phase=phase, sparsity=f"{sparsity:.2f}", loss=f"{loss_value:.4f}")
+
+            if exporting:
                 # End of the pruning stage: physically remove the masked units.
-                state["masks"] = {k: v.detach().cpu().contiguous() for k, v in pruner.final_masks().items()}
-                student, optimizer, lr_scheduler, ema = _export_and_rebuild(
-                    accelerator, student, ema, pruner, units, args, global_step
-                )
-                state["stage"] = "finetune"
-                pruner.masks.detach()
+                student, optimizer, lr_scheduler, ema = export_now(student, optimizer, lr_scheduler, ema)
+                pruner = None
                 feature_map = _feature_map(distiller, teacher, units, pruner, state)
-                accelerator.print(f"Exported at step {global_step}: {count_parameters(accelerator.unwrap_model(student)):,} parameters")
-            if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+                accelerator.print(f"Exported at step {global_step}: {count_parameters(unwrapped(student)):,} parameters")
+            if checkpointing:
                 if accelerator.is_main_process:
                     training.make_room_for_checkpoint(args.output_dir, args.checkpoints_total_limit)
                 accelerator.wait_for_everyone()
                 accelerator.save_state(os.path.join(args.output_dir, f"checkpoint-{global_step}"))
-            if accelerator.is_main_process and (global_step % args.validation_steps == 0 or global_step == args.max_train_steps):
-                unet = training.ema_model(accelerator.unwrap_model(student), ema)
+            if accelerator.is_main_process and validating:
+                unet = training.ema_model(unwrapped(student), ema)
                 images = sample_images(unet, ddim, fixed_noise, args.num_inference_steps)
                 grid = comparison_grid([teacher_images, images], ["teacher", f"pruned ({phase})"], scale=4)
                 os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
@@ -506,7 +546,8 @@ def main(argv=None):
     if accelerator.is_main_process:
         if state["stage"] != "finetune":
             raise RuntimeError("The run ended before the pruning stage did; nothing to export.")
-        unet = training.ema_model(accelerator.unwrap_model(student), ema).eval()
+        unet = training.ema_model(unwrapped(student), ema).eval()  # float32, as the teacher: no autocast wrapper
+        teacher.to(accelerator.device)
         images = sample_images(unet, ddim, fixed_noise, args.num_inference_steps)
         comparison_grid([teacher_images, images], ["teacher", "pruned"], scale=4).save(os.path.join(args.output_dir, "teacher_vs_pruned.png"))
         plot_pruning_run(state["history"], os.path.join(args.output_dir, "pruning_curves.png"), config.soft_steps, config.pruning_steps,
@@ -532,6 +573,9 @@ def main(argv=None):
             "num_processes": accelerator.num_processes,
             "global_batch_size": args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
             "pruning_criterion_seconds": pruning_seconds,
+            "mixed_precision": accelerator.mixed_precision,
+            "scoring_precision": "float32" if criterion.needs_data else None,
+            "peak_memory_bytes": memory.as_dict(("pruning_stage", "scoring", "finetune")),
             "pruning_stage_seconds": state["seconds"]["pruning"],
             "finetune_seconds": state["seconds"]["finetune"],
             "evaluation": scrub_local_paths(comparison.as_dict(), _local_paths(args, source)) if comparison else None,
@@ -663,10 +707,9 @@ def _save_masks(masks, units, args, path):
     save_file({k: masks[k].float().contiguous() for k in masks}, path, metadata=metadata)
 
 
-def _export_and_rebuild(accelerator, student, ema, pruner, units, args, global_step):
-    """Export the masked dense student (and its EMA) and continue with a fresh optimizer."""
+def _export_and_rebuild(accelerator, dense, ema, pruner, units, args, global_step):
+    """Export the masked dense student (``dense``: unwrapped) and its EMA, and continue with a fresh optimizer."""
     masks = pruner.final_masks()
-    dense = accelerator.unwrap_model(student)
     slim = export.export_model(dense, units, masks, args.layout).train()
     new_ema = None
     if ema is not None:
@@ -676,11 +719,12 @@ def _export_and_rebuild(accelerator, student, ema, pruner, units, args, global_s
         new_ema.shadow_params = [p.detach().clone() for p in slim_ema.parameters()]
         new_ema.optimization_step = ema.optimization_step
         new_ema.to(accelerator.device)
+        del dense_ema, slim_ema
     optimizer = training.create_optimizer(slim, args)
-    lr_scheduler = training.create_lr_scheduler(optimizer, args, accelerator.num_processes)
+    lr_scheduler = training.create_lr_scheduler(optimizer, args, accelerator.num_processes, accelerator.split_batches)
     with warnings.catch_warnings():  # fast-forwarding a fresh schedule to the current step, before any optimizer step
         warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
-        for _ in range(global_step * accelerator.num_processes):
+        for _ in range(global_step * training.scheduler_steps_per_update(accelerator.num_processes, accelerator.split_batches)):
             lr_scheduler.step()
     training.forget_prepared(accelerator)
     slim, optimizer, lr_scheduler = accelerator.prepare(slim, optimizer, lr_scheduler)
