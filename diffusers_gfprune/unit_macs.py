@@ -6,6 +6,11 @@ positions times kernel size), or an attention matrix product, whose MACs are ``2
 kept_inner_width``. The kept widths are linear in the unit flags, so the MACs of any selection
 follow from one traced forward pass (on the meta device if wanted). The per-layer layout uses this
 to meet a MACs target (:func:`diffusers_gfprune.selection.select_global_macs`).
+
+Learned masks (:mod:`diffusers_gfprune.learned_masks`) need the same count as a differentiable function of
+per-unit keep probabilities: :meth:`UnitMacs.expected_macs` is the expectation of the MACs when every unit is
+kept independently with its probability, exact (a bilinear term's covariance included), on the probabilities'
+device and dtype.
 """
 
 from __future__ import annotations
@@ -92,8 +97,11 @@ class UnitMacs:
         self._attn_inner = torch.tensor([float(modules[n].inner_dim) for n in attn], dtype=torch.float64)
         self._attn_removed = (torch.stack([rows.get((f"{n}.to_q", OUT), zero) for n in attn])
                               if attn else torch.zeros(0, total, dtype=torch.float64))
+        # A unit that feeds both sides of one layer makes kept_in and kept_out covary: Var(kept) per layer.
+        self._both = self._in_removed * self._out_removed
         self.offsets = offsets
         self.dense = self.macs_of_flat(torch.zeros(total, dtype=torch.float64))
+        self._on_device: Dict[tuple, tuple] = {}
 
     def flat(self, pruned: Dict[str, torch.Tensor]) -> torch.Tensor:
         """One float vector over all units (1 = pruned) from per-family flags."""
@@ -114,6 +122,49 @@ class UnitMacs:
     def fraction(self, pruned: Dict[str, torch.Tensor]) -> float:
         """MACs with ``pruned`` removed, as a fraction of the dense MACs."""
         return self.macs(pruned) / self.dense
+
+    def _tables(self, device, dtype) -> tuple:
+        key = (torch.device(device), dtype)
+        tables = self._on_device.get(key)
+        if tables is None:
+            names = ("_coefficient", "_in", "_out", "_in_removed", "_out_removed", "_both", "_attn_coefficient",
+                     "_attn_inner", "_attn_removed")
+            tables = self._on_device[key] = tuple(getattr(self, n).to(device, dtype) for n in names)
+        return tables
+
+    def expected_macs(self, keep: torch.Tensor) -> torch.Tensor:
+        """Expected MACs per image when unit ``u`` is kept, independently of the others, with probability ``keep[u]``.
+
+        Parameters
+        ----------
+        keep : torch.Tensor
+            One probability per unit in the flat order of :attr:`offsets` (the order of
+            :attr:`diffusers_gfprune.masks.UnitMasks.values`), on any device, float32 or float64.
+
+        Returns
+        -------
+        torch.Tensor
+            A scalar on ``keep``'s device and dtype, differentiable in ``keep``. At binary ``keep`` it equals
+            :meth:`macs_of_flat` ``(1 - keep)``. A layer's MACs ``c * kept_in * kept_out`` is bilinear, so its
+            expectation is ``c * (E[kept_in] E[kept_out] + Cov)``, where the covariance is the sum of
+            ``keep (1 - keep)`` over units that feed both sides of the layer (none in the architectures tested,
+            kept for exactness).
+        """
+        if keep.shape != (self.num_units,):
+            raise ValueError(f"Expected one keep probability per unit ({self.num_units}), got shape {tuple(keep.shape)}.")
+        coefficient, size_in, size_out, in_removed, out_removed, both, attn_coefficient, attn_inner, attn_removed = (
+            self._tables(keep.device, keep.dtype))
+        pruned = 1 - keep
+        kept_in = size_in - in_removed @ pruned
+        kept_out = size_out - out_removed @ pruned
+        macs = (coefficient * (kept_in * kept_out + both @ (keep * pruned))).sum()
+        if len(attn_coefficient):
+            macs = macs + (attn_coefficient * (attn_inner - attn_removed @ pruned)).sum()
+        return macs
+
+    def expected_fraction(self, keep: torch.Tensor) -> torch.Tensor:
+        """:meth:`expected_macs` as a fraction of the dense MACs (differentiable)."""
+        return self.expected_macs(keep) / self.dense
 
 
 def _size(module: nn.Module, dim: str) -> int:
