@@ -314,7 +314,8 @@ class GradientFlow(Criterion):
         theta = [p.detach().clone() for p in params]
         v_norm = torch.sqrt(sum((x.double() ** 2).sum() for x in vector))
         t_norm = torch.sqrt(sum((x.double() ** 2).sum() for x in theta))
-        eps = float(self.config.fd_epsilon * t_norm / v_norm.clamp_min(1e-30))
+        # A 0-dim tensor on the device: the step needs no read-back to the host.
+        eps = (self.config.fd_epsilon * t_norm / v_norm.clamp_min(1e-30)).to(params[0].dtype)
         try:
             with torch.no_grad():
                 for p, t, d in zip(params, theta, vector):
@@ -359,16 +360,12 @@ class GradientFlow(Criterion):
     @staticmethod
     def mask_gradient(model, masks, loss_fn: DDPMLoss) -> torch.Tensor:
         """``dL/dm`` for every unit (flat, in the masks' order), averaged across processes."""
-        original = masks.values
         # A float64 leaf for the hooks to gather from: the gradient is then as precise as the model allows.
-        masks.values = original.detach().double().requires_grad_(True)
-        try:
-            grad = torch.zeros_like(masks.values)
+        with masks.substituted(masks.values.detach().double().requires_grad_(True)) as leaf:
+            grad = torch.zeros_like(leaf)
             for weight, piece in loss_fn.chunks():
-                (part,) = torch.autograd.grad(piece(model), masks.values)
+                (part,) = torch.autograd.grad(piece(model), leaf)
                 grad.add_(part, alpha=weight)
-        finally:
-            masks.values = original
         all_reduce_mean([grad])  # on the model's device
         return grad
 

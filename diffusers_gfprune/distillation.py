@@ -193,17 +193,20 @@ class FeatureMap:
     """
 
     def __init__(self, layers: Dict[str, str], units: UnitSet, values: Callable[[], Mapping[str, torch.Tensor]],
-                 exported: bool):
+                 exported: bool, masks=None):
         self.layers = layers  # block -> producing layer
         self.units = units
         self.values = values
         self.exported = exported
+        self.masks = masks
         self._kept: Dict[str, torch.Tensor] = {}
 
     @classmethod
     def for_masked(cls, model, units: UnitSet, masks, layers: Sequence[str]) -> "FeatureMap":
-        """``masks``: the :class:`~diffusers_gfprune.masks.UnitMasks` on the dense student (read at every step)."""
-        return cls(_producers(model, units, layers), units, lambda: {n: masks.family_values(n) for n in units.names}, False)
+        """``masks``: the :class:`~diffusers_gfprune.masks.UnitMasks` on the dense student (read at every step,
+        through their index tables on the device: no Python loop over the families per step)."""
+        return cls(_producers(model, units, layers), units, lambda: {n: masks.family_values(n) for n in units.names}, False,
+                   masks)
 
     @classmethod
     def for_exported(cls, model, units: UnitSet, final_masks: Mapping[str, torch.Tensor], layers: Sequence[str]) -> "FeatureMap":
@@ -221,7 +224,10 @@ class FeatureMap:
         size = teacher_feature.shape[1]
         if self.exported:
             return teacher_feature.index_select(1, self.kept_channels(block, size).to(teacher_feature.device))
-        mask = channel_values(self.units, self.values(), self.layers[block], size)
+        if self.masks is not None:
+            mask = self.masks.channel_mask(self.layers[block], teacher_feature.dtype, teacher_feature.device)
+        else:
+            mask = channel_values(self.units, self.values(), self.layers[block], size)
         return teacher_feature * mask.to(teacher_feature.device, teacher_feature.dtype).view(1, -1, 1, 1)
 
 

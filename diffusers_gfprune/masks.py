@@ -113,6 +113,10 @@ class UnitMasks:
             table = self._gather[module_name] = self._gather_host[module_name].to(self.values.device)
         return table
 
+    def channel_mask(self, module_name: str, dtype=torch.float32, device=None) -> torch.Tensor:
+        """The mask value of every output channel of the producing layer ``module_name`` (dense indexing)."""
+        return self._channel_mask(module_name, dtype, device)
+
     def _channel_mask(self, module_name: str, dtype, device=None) -> torch.Tensor:
         if device is not None and device != self.values.device:
             self.to(device)  # the model moved after the masks were made (accelerate.prepare, .to(...))
@@ -195,6 +199,21 @@ class UnitMasks:
                 self.detach()
 
     @contextmanager
+    def substituted(self, values: torch.Tensor):
+        """The hooks read ``values`` inside the context: a tensor with the same zero pattern as the current values
+        (a float64 leaf to differentiate with respect to the masks, say), so the known pattern carries over."""
+        original, known, alive = self.values, self._alive_known(), self._alive_host
+        self.values = values
+        if known:
+            self._mark_alive_known(alive)
+        try:
+            yield values
+        finally:
+            self.values = original
+            if known:
+                self._mark_alive_known(alive)
+
+    @contextmanager
     def all_kept(self):
         """Every mask at 1 inside the context; the values (and their known zero pattern) restored after."""
         saved = self.values.detach().clone()
@@ -228,7 +247,8 @@ class UnitMasks:
             (x,) = args
             weight = module.weight[keep] if module.weight is not None else None
             bias = module.bias[keep] if module.bias is not None else None
-            kept = F.group_norm(x.index_select(1, keep), num_groups, weight, bias, module.eps).to(output.dtype)
+            # In the layer's output precision: float32 under autocast even for half inputs, as the layer computed.
+            kept = F.group_norm(x.index_select(1, keep).to(output.dtype), num_groups, weight, bias, module.eps).to(output.dtype)
             kept = kept * _expand(mask.index_select(0, keep), kept)
             # Removed channels are exactly 0; one buffer, no further copy of the activation.
             return kept.new_zeros(output.shape).index_copy(1, keep, kept)

@@ -24,8 +24,10 @@ PRUNE_SCRIPT = os.path.join(REPO_ROOT, "training", "prune.py")
 
 # 12 steps: soft phase 0..3, hard phase 4..6, export after step 6, fine-tuning 7..12; a checkpoint every 2 steps.
 # 20 training images at a global batch of 4 give 5 steps per epoch, so the run (and every resume) crosses epochs.
+# A linear LR schedule with warm-up: its length must not depend on the process count (split_batches).
 RUN_ARGS = [
     "--max_train_steps", "12", "--soft_steps", "3", "--pruning_steps", "6", "--rescore_every", "1",
+    "--lr_scheduler", "linear", "--lr_warmup_steps", "3", "--logging_steps", "5",
     "--checkpointing_steps", "2", "--target_sparsity", "0.5", "--max_train_samples", "20",
     "--num_inference_steps", "2", "--num_validation_images", "2", "--validation_steps", "100", "--report_to", "none",
 ]
@@ -460,15 +462,29 @@ def _launch(launch_args, script_args, tmp_path, extra_env=None, timeout=420):
     return result, time.perf_counter() - start
 
 
-def test_two_processes_match_one(reference, tiny_teacher, tmp_path):
-    """2 CPU processes at half the per-device batch: one save, and the final masks of the 1-process run."""
-    reference_dir, _ = reference
+TWO_PROCESSES = ["--multi_gpu", "--num_processes", "2"]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tiny_teacher, tmp_path_factory):
+    """One uninterrupted 2-process run (gloo on the CPU) at half the per-device batch: (result, output folder)."""
+    tmp_path = tmp_path_factory.mktemp("two_processes")
     output_dir = tmp_path / "run"
-    result, wall = _launch(["--multi_gpu", "--num_processes", "2"],
-                           run_args(tiny_teacher["pipeline"], output_dir, GLOBAL_BATCH // 2), tmp_path,
+    result, wall = _launch(TWO_PROCESSES, run_args(tiny_teacher["pipeline"], output_dir, GLOBAL_BATCH // 2), tmp_path,
                            extra_env={"ACCELERATE_USE_CPU": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     RESULTS["two-process accelerate launch, wall time"] = f"{wall:.1f} s"
+    return result, output_dir
+
+
+def test_two_processes_match_one(reference, two_process_run):
+    """2 CPU processes at half the per-device batch: one save, the final masks of the 1-process run, the same LR at
+    every step (the schedule counts optimizer updates, whatever the process count)."""
+    reference_dir, _ = reference
+    result, output_dir = two_process_run
+    lrs = lambda folder: [row["lr"] for row in json.loads((folder / "pruning_history.json").read_text())]
+    assert len(lrs(output_dir)) == FINAL_STEP and lrs(output_dir) == lrs(reference_dir)
+    assert lrs(reference_dir)[2] > lrs(reference_dir)[1] > lrs(reference_dir)[0] and lrs(reference_dir)[-1] < lrs(reference_dir)[3]
 
     summary = json.loads((output_dir / "pruning_summary.json").read_text())
     assert summary["num_processes"] == 2 and summary["global_batch_size"] == GLOBAL_BATCH
@@ -521,3 +537,45 @@ def test_card_lists_only_the_settings_that_acted(argv, listed, absent):
     assert listed <= set(hyper) and not (absent & set(hyper)), hyper
     if "gradient_flow_form" in hyper:
         assert hyper["gradient_flow_form"] == "increase"
+
+
+@pytest.mark.parametrize("k", [2, 8], ids=["pruning_stage", "after_export"])
+def test_two_process_resume_matches_uninterrupted_run(k, two_process_run, tiny_teacher, tmp_path):
+    """A 2-process run resumed with 2 processes: loads through the DDP wrapper (EMA, pruner, slim model) and ends
+    where the uninterrupted 2-process run ended, bit for bit."""
+    _, run_dir = two_process_run
+    output_dir = tmp_path / "run"
+    output_dir.mkdir()
+    for step in range(2, k + 1, 2):
+        shutil.copytree(run_dir / f"checkpoint-{step}", output_dir / f"checkpoint-{step}")
+    result, _ = _launch(TWO_PROCESSES, run_args(tiny_teacher["pipeline"], output_dir, GLOBAL_BATCH // 2,
+                                                "--resume_from_checkpoint", "latest"), tmp_path,
+                        extra_env={"ACCELERATE_USE_CPU": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert f"checkpoint-{k}" in result.stdout
+    for sub in ("unet", f"checkpoint-{FINAL_STEP}/unet_ema"):
+        assert_same(weights(output_dir / sub), weights(run_dir / sub), f"{sub}, 2 processes resumed from checkpoint-{k}")
+
+
+def test_compiled_model_prunes_exports_and_resumes(prune, reference, tiny_teacher, tmp_path, monkeypatch):
+    """``accelerate launch --dynamo_backend ...`` wraps the model in torch.compile's module: the export, the
+    checkpoints and a resume see through the wrapper. The 'eager' backend traces with dynamo but skips the C++ build."""
+    from accelerate.state import AcceleratorState
+
+    reference_dir, _ = reference
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "EAGER")
+    AcceleratorState._reset_state(reset_partial_state=True)  # the state of earlier in-process runs has no dynamo
+    try:
+        output_dir = tmp_path / "run"
+        prune.main(run_args(tiny_teacher["pipeline"], output_dir))
+        assert AcceleratorState().dynamo_plugin.backend.value == "EAGER"
+        assert_same(load_file(str(output_dir / "pruning_masks.safetensors")),
+                    load_file(str(reference_dir / "pruning_masks.safetensors")), "final masks with torch.compile")
+        shutil.rmtree(output_dir / f"checkpoint-{FINAL_STEP}")
+        prune.main(run_args(tiny_teacher["pipeline"], output_dir, GLOBAL_BATCH, "--resume_from_checkpoint", "latest"))
+        assert (output_dir / f"checkpoint-{FINAL_STEP}").is_dir()
+        summary = json.loads((output_dir / "pruning_summary.json").read_text())
+        assert summary["pruned"]["params"] < summary["dense"]["params"] / 2
+    finally:
+        monkeypatch.delenv("ACCELERATE_DYNAMO_BACKEND")
+        AcceleratorState._reset_state(reset_partial_state=True)

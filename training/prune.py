@@ -341,7 +341,7 @@ def main(argv=None):
     noise = training.GlobalBatchNoise(args.seed, accelerator.num_processes, accelerator.process_index)
 
     # "masks": the final binary masks (1 = keep) once the pruning stage is over; saved in every later checkpoint.
-    # "history": per-step loss/sparsity for the curves plot, kept in checkpoints so a resumed run plots the whole run.
+    # "history": per-step loss/sparsity/lr for the curves plot, kept in checkpoints so a resumed run plots the whole run.
     # "seconds": wall time spent in each stage (summed over resumed runs).
     state = {"stage": stage, "masks": None, "history": [], "seconds": {"pruning": 0.0, "finetune": 0.0}}
     ema = training.create_ema(student, args) if args.use_ema else None
@@ -511,7 +511,7 @@ def main(argv=None):
                 for row in log.flush():
                     loss_value = row["loss"]
                     accelerator.log({k: v for k, v in row.items() if k not in ("step", "phase") and v is not None}, step=row["step"])
-                    state["history"].append({k: v for k, v in row.items() if k != "lr"})
+                    state["history"].append(row)
                 progress.set_postfix(phase=phase, sparsity=f"{sparsity:.2f}", loss=f"{loss_value:.4f}")
 
             if exporting:
