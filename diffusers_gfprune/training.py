@@ -523,7 +523,7 @@ def save_pipeline_into(pipeline, output_dir: str, pruning_info: Optional[dict] =
 
 def scoring_losses(dataset, step: int, seed: int, batch_size: int, num_batches: int, scheduler, prediction_type=None,
                    num_processes: int = 1, process_index: int = 0, device="cpu", stratified: bool = True,
-                   resample: bool = False, chunk_size: Optional[int] = None):
+                   resample: bool = False, chunk_size: Optional[int] = None, encode=None):
     """Mini-batches for the pruning criterion, drawn from the seed alone (or from (seed, step) with ``resample``).
 
     Needing no state of their own, a resumed run re-draws exactly what an uninterrupted run drew; every
@@ -539,6 +539,9 @@ def scoring_losses(dataset, step: int, seed: int, batch_size: int, num_batches: 
         same draw, so scores change between re-scorings because the model changed, not the sample.
     chunk_size : int, optional
         The criteria differentiate at most this many images at a time (:class:`~diffusers_gfprune.objective.DDPMLoss`).
+    encode : callable, optional
+        Turns a batch of data set items into what the model is trained on (a latent pipeline's encoder; see
+        :meth:`~diffusers_gfprune.pipeline_kinds.PipelineKind.training_data`), before the noise is drawn.
     """
     from .objective import DDPMLoss, stratified_timesteps
 
@@ -552,6 +555,8 @@ def scoring_losses(dataset, step: int, seed: int, batch_size: int, num_batches: 
         size = batch_size * num_processes
         index = torch.randint(len(dataset), (size,), generator=generator)
         images = torch.stack([dataset[int(i)]["images"] for i in index])
+        if encode is not None:
+            images = encode(images.to(device))  # on the device; the noise below is drawn on the host, as always
         noise = torch.randn(images.shape, generator=generator)
         if stratified:
             timesteps = stratified_timesteps(size, num_train, generator)

@@ -25,7 +25,8 @@ import torch
 
 from diffusers_gfprune import counting, data, evaluation, training
 from diffusers_gfprune.sampling import comparison_grid
-from diffusers_gfprune.teacher import SUPPORTED_CLASSES, load_teacher, resolve_teacher
+from diffusers_gfprune.pipeline_kinds import kind_for_pipeline
+from diffusers_gfprune.teacher import SUPPORTED_CLASSES, load_kind, load_teacher, resolve_teacher
 
 
 def parse_args(argv=None):
@@ -109,19 +110,22 @@ def resolve_model(path, revision, cache_dir, token, trust_remote_code: bool, wha
 
 
 def load_model(resolved, revision, cache_dir, token, trust_remote_code: bool = False):
-    """The UNet and scheduler of a :func:`resolve_model` result (safetensors only).
+    """The UNet, scheduler and pipeline kind (pixel or latent, with its frozen components) of a
+    :func:`resolve_model` result (safetensors only).
 
     ``trust_remote_code`` is the user's ``--trust_remote_code``, passed through unchanged: without it
     diffusers refuses a UNet defined by code in the repo.
     """
     kind, source = resolved
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if kind == "package":
-        return load_teacher(source, cache_dir, token)
+        unet, scheduler = load_teacher(source, cache_dir, token)
+        return unet, scheduler, load_kind(source, cache_dir, token, device=device)
     from diffusers import DiffusionPipeline
 
     pipeline = DiffusionPipeline.from_pretrained(source, revision=revision, cache_dir=cache_dir, token=token,
                                                  trust_remote_code=trust_remote_code, use_safetensors=True)
-    return pipeline.unet, pipeline.scheduler
+    return pipeline.unet, pipeline.scheduler, kind_for_pipeline(pipeline).to(device)
 
 
 def _unet_config(resolved) -> dict:
@@ -197,6 +201,9 @@ def validate(args):
         )
     in_channels = teacher_shape[0] or pruned_shape[0] or 3
     resolution = args.resolution or (teacher_shape[2] or pruned_shape[2] or (None,))[0]
+    if teacher[0] == "package":  # the images' shape (a latent teacher's UNet works on smaller latents)
+        in_channels, _, image_size = teacher[1].kind.image_shape(teacher[1].unet_config)
+        resolution = args.resolution or image_size
     data_config = data.DataConfig(
         dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name, train_data_dir=args.train_data_dir,
         image_column=args.image_column, resolution=resolution, center_crop=args.center_crop, random_flip=False,
@@ -206,7 +213,7 @@ def validate(args):
     return pruned, teacher, data_config, digits
 
 
-def evaluate(args, pruned_unet, teacher_unet, scheduler, data_config, digits: bool, in_channels: int) -> dict:
+def evaluate(args, pruned_unet, teacher_unet, kind, data_config, digits: bool, in_channels: int) -> dict:
     """Quality (SSIM, FID/KID), size (params, MACs) and speed of ``pruned_unet`` against ``teacher_unet``."""
     reference = None
     dataset_name = args.dataset_name or os.path.basename(os.path.normpath(args.train_data_dir or "images"))
@@ -214,11 +221,11 @@ def evaluate(args, pruned_unet, teacher_unet, scheduler, data_config, digits: bo
         dataset = data.load_train_dataset(data_config, in_channels)
         reference = evaluation.real_images(dataset, args.num_eval_images, args.seed)
     comparison = evaluation.evaluate_against_teacher(
-        teacher_unet, pruned_unet, scheduler, args.num_eval_images, num_inference_steps=args.num_inference_steps,
+        teacher_unet, pruned_unet, kind.scheduler, args.num_eval_images, num_inference_steps=args.num_inference_steps,
         seed=args.seed, fid=args.eval_fid, digits=digits, reference_images=reference, dataset_name=dataset_name,
-        inception_weights=args.inception_weights, batch_size=args.eval_batch_size,
+        inception_weights=args.inception_weights, batch_size=args.eval_batch_size, pipeline_kind=kind,
     )
-    sample_size = data_config.resolution
+    sample_size = kind.sample_shape(teacher_unet)[-1]
     counts = {"teacher": counting.model_counts(teacher_unet, sample_size), "pruned": counting.model_counts(pruned_unet, sample_size)}
     throughput = None
     if args.throughput_repeats:
@@ -233,20 +240,21 @@ def main(argv=None):
     pruned_source, teacher_source, data_config, digits = validate(args)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     started = time.time()
-    pruned_unet, _ = load_model(pruned_source, args.revision, args.cache_dir, args.hub_token, args.trust_remote_code)
-    teacher_unet, scheduler = load_model(teacher_source, args.teacher_revision, args.cache_dir, args.hub_token, args.trust_remote_code)
+    pruned_unet, _, _ = load_model(pruned_source, args.revision, args.cache_dir, args.hub_token, args.trust_remote_code)
+    teacher_unet, _, kind = load_model(teacher_source, args.teacher_revision, args.cache_dir, args.hub_token,
+                                       args.trust_remote_code)
     if _shape(dict(pruned_unet.config)) != _shape(dict(teacher_unet.config)):
         raise ValueError(
             f"The pruned UNet takes (in_channels, out_channels, sample_size) = {_shape(dict(pruned_unet.config))} but the "
             f"teacher {_shape(dict(teacher_unet.config))}; this is not its teacher."
         )
     if data_config.resolution is None:
-        data_config.resolution = _shape(dict(teacher_unet.config))[2][0]
+        data_config.resolution = kind.image_shape(teacher_unet)[-1]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pruned_unet.to(device).eval().requires_grad_(False)
     teacher_unet.to(device).eval().requires_grad_(False)
 
-    result = evaluate(args, pruned_unet, teacher_unet, scheduler, data_config, digits, teacher_unet.config.in_channels)
+    result = evaluate(args, pruned_unet, teacher_unet, kind, data_config, digits, kind.image_shape(teacher_unet)[0])
     comparison, counts, throughput = result["comparison"], result["counts"], result["throughput"]
 
     os.makedirs(args.output_dir, exist_ok=True)

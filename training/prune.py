@@ -41,7 +41,8 @@ from diffusers_gfprune.pruner import PROCESSES, REACTIVATION_RULES, SOFT_COMMITS
 from diffusers_gfprune.sampling import comparison_grid, sample_images
 from diffusers_gfprune.step_log import PeakMemory, StepLog
 from diffusers_gfprune.selection import check_macs_target
-from diffusers_gfprune.teacher import load_teacher, resolve_teacher
+from diffusers_gfprune.teacher import load_kind, load_teacher, resolve_teacher
+from diffusers_gfprune.pipeline_kinds import LatentCacheConfig
 from diffusers_gfprune.units import find_units
 
 logger = get_logger(__name__)
@@ -121,6 +122,8 @@ def parse_args(argv=None):
                         help="Read the loss back from the device every N steps (progress bar, trackers, the curves); in "
                              "between, nothing in the training step waits for the GPU.")
     e = parser.add_argument_group("evaluation (at the end of the run; the numbers go into the card)")
+    e.add_argument("--latent_cache_mb", type=float, default=0.0,
+                   help=LatentCacheConfig.__dataclass_fields__["max_megabytes"].metadata["help"])
     e.add_argument("--num_eval_images", type=int, default=300,
                    help="Image pairs (teacher, pruned) sampled from the same noise for SSIM and FID/KID; 0 skips the evaluation.")
     e.add_argument("--eval_fid", type=str, default="auto", choices=evaluation.FID_CHOICES,
@@ -255,8 +258,8 @@ def validate(args):
         raise ValueError(f"--inception_weights {args.inception_weights!r} is not a file.")
     source = resolve_teacher(args.pretrained_model_name_or_path, args.revision, args.cache_dir, args.hub_token)
     export.check_layout(source.unet_config, args.layout)  # block types, time embedding and layout, before any work
-    in_channels = source.unet_config.get("in_channels", 3)
-    resolution = args.resolution or source.unet_config.get("sample_size")
+    in_channels, _, image_size = source.kind.image_shape(source.unet_config)  # the images' (a latent UNet's are smaller)
+    resolution = args.resolution or image_size
     data_config = data.DataConfig(
         dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name, train_data_dir=args.train_data_dir,
         image_column=args.image_column, resolution=resolution, center_crop=args.center_crop, random_flip=args.random_flip,
@@ -309,11 +312,12 @@ def main(argv=None):
     accelerator = training.create_accelerator(args)  # cheap; refuses a launch that did not give the processes asked for
 
     teacher, noise_scheduler = load_teacher(source, args.cache_dir, args.hub_token)
+    kind = load_kind(source, args.cache_dir, args.hub_token, device=accelerator.device)
     teacher.eval().requires_grad_(False)
     units = find_units(teacher)
     config = pruning_config(args)
     in_channels = teacher.config.in_channels
-    sample_size = data_config.resolution
+    sample_size = kind.sample_shape(teacher)[-1]
 
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     set_seed(args.seed)
@@ -335,6 +339,8 @@ def main(argv=None):
         slim_cls = UNet2DModel if args.layout == "stock" else PrunedUNet2DModel
         student = _load_slim(slim_cls, resume).train()
 
+    image_dataset = dataset  # real images for the Inception FID reference
+    dataset, to_model_input = kind.training_data(dataset, LatentCacheConfig(args.latent_cache_mb), accelerator.device)
     global_batch = args.train_batch_size * accelerator.num_processes
     dataloader = data.make_dataloader(dataset, global_batch, seed=args.seed, num_workers=args.dataloader_num_workers)
     shuffle_generator = dataloader.generator
@@ -403,8 +409,8 @@ def main(argv=None):
 
     feature_map = _feature_map(distiller, teacher, units, pruner, state)
     fixed_noise = torch.randn((args.num_validation_images, in_channels, sample_size, sample_size), generator=torch.Generator().manual_seed(args.seed))
-    ddim = DDIMScheduler.from_config(noise_scheduler.config)
-    teacher_images = sample_images(teacher, ddim, fixed_noise, args.num_inference_steps) if accelerator.is_main_process else None
+    ddim = DDIMScheduler.from_config(kind.scheduler.config)
+    teacher_images = kind.sample(teacher, ddim, fixed_noise, args.num_inference_steps) if accelerator.is_main_process else None
     dense_stats = model_counts(teacher, sample_size)
 
     steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
@@ -420,6 +426,7 @@ def main(argv=None):
             dataset, step, args.seed, score_batch, args.score_batches, noise_scheduler, args.prediction_type,
             accelerator.num_processes, accelerator.process_index, accelerator.device,
             stratified=args.score_timesteps == "stratified", resample=args.score_resample, chunk_size=args.score_chunk_size,
+            encode=to_model_input,
         )
 
     def export_now(student, optimizer, lr_scheduler, ema):
@@ -471,7 +478,7 @@ def main(argv=None):
                     pruning_seconds += time.time() - tick
                     pruner.masks.values.requires_grad_(pruner.wants_mask_gradients)
                 with memory.phase("pruning_stage" if state["stage"] == "pruning" else "finetune"):
-                    ddpm = noise.loss(batch["images"], noise_scheduler, args.prediction_type)
+                    ddpm = noise.loss(to_model_input(batch["images"]), noise_scheduler, args.prediction_type)
                     if distiller is None:
                         loss = objective = ddpm(student)
                         parts = {}
@@ -527,14 +534,14 @@ def main(argv=None):
                 accelerator.save_state(os.path.join(args.output_dir, f"checkpoint-{global_step}"))
             if accelerator.is_main_process and validating:
                 unet = training.ema_model(unwrapped(student), ema)
-                images = sample_images(unet, ddim, fixed_noise, args.num_inference_steps)
+                images = kind.sample(unet, ddim, fixed_noise, args.num_inference_steps)
                 grid = comparison_grid([teacher_images, images], ["teacher", f"pruned ({phase})"], scale=4)
                 os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
                 grid.save(os.path.join(args.output_dir, "samples", f"step-{global_step:06d}.png"))
                 training.log_images(accelerator, "teacher_vs_pruned", grid, global_step)
                 if fid_reference is not None:
                     fid = evaluation.validation_fid(unet, ddim, args.validation_fid_images, args.num_inference_steps, args.seed,
-                                                    fid_reference, dataset_name=args.dataset_name)
+                                                    fid_reference, dataset_name=args.dataset_name, kind=kind)
                     state["history"][-1][fid_key] = fid
                     accelerator.log({fid_key: fid}, step=global_step)
                 tick_step = time.time()  # validation is not training time
@@ -548,11 +555,11 @@ def main(argv=None):
             raise RuntimeError("The run ended before the pruning stage did; nothing to export.")
         unet = training.ema_model(unwrapped(student), ema).eval()  # float32, as the teacher: no autocast wrapper
         teacher.to(accelerator.device)
-        images = sample_images(unet, ddim, fixed_noise, args.num_inference_steps)
+        images = kind.sample(unet, ddim, fixed_noise, args.num_inference_steps)
         comparison_grid([teacher_images, images], ["teacher", "pruned"], scale=4).save(os.path.join(args.output_dir, "teacher_vs_pruned.png"))
         plot_pruning_run(state["history"], os.path.join(args.output_dir, "pruning_curves.png"), config.soft_steps, config.pruning_steps,
                          title=f"{args.criterion}, {args.layout} layout, unit sparsity {args.target_sparsity:.3g}")
-        comparison = _evaluate(args, teacher, unet, noise_scheduler, dataset, data_config)
+        comparison = _evaluate(args, teacher, unet, kind, image_dataset, data_config)
         pruned_stats = model_counts(unet, sample_size)
         summary = {
             "teacher": public_name(source.path, not os.path.isdir(source.path)),
@@ -594,7 +601,7 @@ def main(argv=None):
                 "macs": {"dense": summary["dense"]["macs"], "pruned": pruned_stats["macs"]},
                 "metrics": {m.key: m.value for m in comparison.metrics} if comparison else {},
             }
-        training.save_pipeline_into(DDPMPipeline(unet=unet, scheduler=noise_scheduler), args.output_dir, pruning_info)
+        training.save_pipeline_into(kind.build_pipeline(unet, noise_scheduler, pruning_info), args.output_dir)
         _save_masks(state["masks"], units, args, os.path.join(args.output_dir, "pruning_masks.safetensors"))
         summary["wall_seconds"] = time.time() - started
         training.write_json(summary, os.path.join(args.output_dir, "pruning_summary.json"))
@@ -606,7 +613,7 @@ def main(argv=None):
             shown["metrics"] = {m.key: round(m.value, 4) for m in comparison.metrics}
             shown["not_computed"] = [name for name, _ in comparison.not_computed]
         accelerator.print(json.dumps(shown, indent=2))
-        write_model_card(args, source, data_config, config, summary, comparison)
+        write_model_card(args, source, data_config, config, summary, comparison, kind)
         if args.push_to_hub:
             from diffusers_gfprune.hub import push_folder
 
@@ -614,7 +621,7 @@ def main(argv=None):
     accelerator.end_training()
 
 
-def _evaluate(args, teacher, unet, scheduler, dataset, data_config):
+def _evaluate(args, teacher, unet, kind, dataset, data_config):
     """SSIM to the teacher and FID/KID of both (see evaluation.evaluate_against_teacher); None if switched off."""
     if args.num_eval_images == 0:
         return None
@@ -624,14 +631,14 @@ def _evaluate(args, teacher, unet, scheduler, dataset, data_config):
         reference = evaluation.real_images(dataset, args.num_eval_images, args.seed)
     logger.info("Evaluating %d image pairs (teacher, pruned) ...", args.num_eval_images)
     return evaluation.evaluate_against_teacher(
-        teacher, unet, scheduler, args.num_eval_images, num_inference_steps=args.num_inference_steps, seed=args.seed,
+        teacher, unet, kind.scheduler, args.num_eval_images, num_inference_steps=args.num_inference_steps, seed=args.seed,
         fid=args.eval_fid, digits=digits, reference_images=reference,
         dataset_name=args.dataset_name or os.path.basename(os.path.normpath(args.train_data_dir or "images")),
-        inception_weights=args.inception_weights,
+        inception_weights=args.inception_weights, pipeline_kind=kind,
     )
 
 
-def write_model_card(args, source, data_config, config, summary, comparison=None):
+def write_model_card(args, source, data_config, config, summary, comparison=None, kind=None):
     """README.md of the output folder, from model_card_template.md."""
     from diffusers_gfprune.hub import CardInfo, make_model_card
 
@@ -659,7 +666,8 @@ def write_model_card(args, source, data_config, config, summary, comparison=None
         params_dense=summary["dense"]["params"], params_pruned=summary["pruned"]["params"],
         macs_dense=summary["dense"]["macs"], macs_pruned=summary["pruned"]["macs"],
         macs_dense_noattn=summary["dense"]["macs_without_attention"], macs_pruned_noattn=summary["pruned"]["macs_without_attention"],
-        resolution=data_config.resolution,
+        resolution=kind.sample_shape(source.unet_config)[-1] if kind else data_config.resolution,
+        pipeline_class=kind.pipeline_class if kind else "DDPMPipeline",
         soft_steps=config.soft_steps, pruning_steps=config.pruning_steps, rescore_every=config.rescore_every,
         sparsity_schedule=config.sparsity_schedule, mask_schedule=config.mask_schedule,
         max_train_steps=args.max_train_steps,
