@@ -33,10 +33,10 @@ CoFi, Xia et al. 2022; Sheared-LLaMA, Xia et al. 2024).
     surface, trading units against each other. This is the limit of the Lagrangian below where the multiplier is
     at its optimum at every step; it has no multiplier learning rate to tune and no overshoot.
   - ``lagrangian`` (CoFi, Sheared-LLaMA): ``sum_c lambda1_c (C_c - t) + lambda2_c (C_c - t)^2`` in the energy,
-    the multipliers ascending it (``maximize``) with their own Adam. Measured on the digits teacher (30-step soft
-    phase, docs/benchmarks.md): the expected MACs overshoot the schedule (0.18-0.30 of the dense MACs against a
-    target of 0.48) and, with annealed sigmoid gates, stall once the gates saturate (0.64 against 0.48 at 100
-    steps); hence not the default.
+    the multipliers ascending it (``maximize``) with their own Adam. In a preliminary probe on the digits teacher
+    (docs/benchmarks.md, learned masks) it stalls with the annealed sigmoid gates once they saturate (0.78 of the
+    dense MACs at the end of a 30-step soft phase, 0.71 after 100 steps, against 0.48), and with hard-concrete
+    gates it meets the target but leaves half of the gates undecided; hence not the default.
 
   The constraints (``scope``):
 
