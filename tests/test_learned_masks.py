@@ -474,3 +474,32 @@ def test_bad_budgets_are_refused(tiny):
         MaskBudget(soft_steps=0, target_sparsity=0.5)
     with pytest.raises(ValueError, match="MaskBudget"):
         LearnedMasks(UnitMasks(model, units))
+
+
+def test_gates_stay_float32_under_autocast_and_scaled_steps_unscale(tiny):
+    """Gates and budget terms in float32 inside a bfloat16 autocast region; an fp16 loss scale is divided out (the
+    step equals the unscaled one), and a step whose unscaled gradients are not finite is skipped, as the loss scaler
+    skips the weights' step."""
+    base, units = tiny
+    config = LearnedMaskConfig()
+    logits = []
+    for scale in (None, 1024.0):
+        model = copy.deepcopy(base).requires_grad_(False)
+        flow = make_flow(model, units, config)
+        flow.initialize(random_scores(units))
+        flow.begin_step(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            terms = flow.apply()
+            loss = task_loss(model, seed=0)(model) + terms
+        assert flow.masks.values.dtype == torch.float32 and terms.dtype == torch.float32
+        (loss * (scale or 1.0)).backward()
+        assert flow.update(grad_scale=scale)
+        logits.append(flow.logits.detach().clone())
+    assert torch.equal(logits[0], logits[1])  # 1024 is a power of two: unscaling is exact
+    assert not torch.equal(logits[1], initial_logits(random_scores(units), units))  # the step moved the logits
+    flow.begin_step(2)
+    flow.apply()
+    flow.logits.grad = torch.full_like(flow.logits, float("inf"))
+    assert not flow.update(grad_scale=1024.0)
+    assert torch.equal(flow.logits.detach(), logits[1])
+    flow.masks.detach()
