@@ -16,7 +16,8 @@ round (the order reverses every round) so that drifts of a shared machine hit al
    (SDPA backends, or diffusers' non-SDPA processor) and, with ``--experiments ... compile``,
    ``torch.compile`` (compile time reported, capped by ``--compile_timeout``).
 3. **Cost of the method.** One gradient-flow scoring (exact Hessian-vector products, and finite
-   differences), a pruning-stage training step, a one-shot Taylor scoring, and a plain fine-tune
+   differences), a pruning-stage training step, a learned-mask step (``--process flow``'s soft phase:
+   gates, budget terms and the logits' own step), a one-shot Taylor scoring, and a plain fine-tune
    step (AdamW, gradient clipping and EMA, as in ``training/prune.py``) of the dense and of the
    slim model; the average pruning-stage step over the default schedule of ``training/prune.py``
    (re-scoring every K = N / 10 steps, N = 0.1 T; hard-phase re-scorings score twice, the second
@@ -64,6 +65,8 @@ from diffusers_gfprune.counting import count_mac_breakdown, count_parameters  # 
 from diffusers_gfprune.criteria import get_criterion  # noqa: E402
 from diffusers_gfprune.evaluation import time_interleaved  # noqa: E402
 from diffusers_gfprune.export import export_model, prepare_stock, sparsity_for_macs  # noqa: E402
+from diffusers_gfprune.learned_masks import LearnedMaskConfig, LearnedMasks, MaskBudget  # noqa: E402
+from diffusers_gfprune.masks import UnitMasks  # noqa: E402
 from diffusers_gfprune.pruner import GradientFlowPruner, PrunerConfig  # noqa: E402
 from diffusers_gfprune.selection import keep_floors, masks_from_pruned, select  # noqa: E402
 from diffusers_gfprune.units import find_units  # noqa: E402
@@ -628,9 +631,23 @@ def run_overhead(arch: Architecture, dense, units, args, device) -> dict:
         pruner.step(quiet_step, scoring(quiet_step))
         staged.step(train_loss(quiet_step))
 
+    # The learned-mask process's soft-phase step (--process flow): gates from the logits before the forward pass,
+    # the budget terms in the loss, the logits' own Adam step after it; started from magnitude scores.
+    flow_student = copy.deepcopy(dense).to(device)
+    prepare_stock(flow_student, units, sparsity, refine_steps=0)
+    flowing = _Trainer(flow_student, targs)
+    flow = LearnedMasks(UnitMasks(flow_student, units).attach(), LearnedMaskConfig(), MaskBudget.from_pruner_config(config))
+    flow.initialize(get_criterion("magnitude").score(flow_student, units, [], masks=flow.masks))
+
+    def flow_step():
+        flow.begin_step(quiet_step)
+        flowing.step(lambda model: flow.apply() + train_loss(quiet_step)(model))
+        flow.update()
+
     phases = {
         "finetune_dense": lambda: plain.step(train_loss(1)),
         "stage_step_no_rescoring": stage_step,
+        "learned_mask_step": flow_step,
         "rescoring_soft": lambda: pruner.step(soft_step, scoring(soft_step)),
         "rescoring_hard": lambda: pruner.step(hard_step, scoring(hard_step)),
         "scoring_gf_finite_difference": lambda: fd.score(student, units, scoring(soft_step)()),
@@ -665,6 +682,7 @@ def run_overhead(arch: Architecture, dense, units, args, device) -> dict:
     trackers = {
         "finetune_dense": plain.tracked(),
         "stage_step_no_rescoring": staged.tracked(),
+        "learned_mask_step": flowing.tracked() + [flow.logits, flow.optimizer],
         "rescoring_soft": staged.tracked(),
         "scoring_gf_finite_difference": staged.tracked(),
         "scoring_taylor_oneshot": staged.tracked(),
@@ -684,6 +702,7 @@ def run_overhead(arch: Architecture, dense, units, args, device) -> dict:
         "average_stage_step_s": average_stage,
         "average_stage_step_over_finetune": average_stage / ft,
         "one_scoring_over_finetune": median["rescoring_soft"] / ft,
+        "learned_mask_step_over_stage_step": median["learned_mask_step"] / base,
         "run_estimates_s": {"plain_finetune_dense": t_total * ft, "gradient_flow": gf_run, "oneshot_taylor": oneshot_run},
         "run_ratios": {"gradient_flow_over_plain_finetune": gf_run / (t_total * ft),
                        "gradient_flow_over_oneshot": gf_run / oneshot_run},
@@ -854,6 +873,10 @@ def print_tables(results: dict) -> str:
         add(f"Whole run of T steps: plain fine-tune {e['plain_finetune_dense'] / 3600:.2f} h, gradient flow {e['gradient_flow'] / 3600:.2f} h "
             f"({r['gradient_flow_over_plain_finetune']:.2f} x plain), one-shot Taylor + slim fine-tune {e['oneshot_taylor'] / 3600:.2f} h "
             f"(gradient flow = {r['gradient_flow_over_oneshot']:.2f} x one-shot).")
+        if "learned_mask_step_over_stage_step" in o:
+            add(f"A learned-mask step (--process flow, soft phase) = {o['learned_mask_step_over_stage_step']:.2f} x a "
+                f"pruning-stage step without re-scoring, {o['ratios_to_finetune_dense']['learned_mask_step']:.2f} x a dense "
+                f"fine-tune step; peak memory {o['peak_memory_over_finetune_dense']['learned_mask_step']:.2f} x.")
         if "direct" in o:
             d = o["direct"]
             add(f"Measured directly over all {d['steps']} pruning-stage steps ({d['rescorings']} re-scorings), each next to a dense "
