@@ -117,6 +117,18 @@ TINY_TEACHER_ARGS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run faster on one intra-op thread on a small shared machine (and launched processes get
+    OMP_NUM_THREADS=1); a module asks for it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def load_script(name: str, folder: str = "training"):
     """``<folder>/<name>.py`` (``training/`` or ``benchmarks/``, which are not packages) as a module,
     loaded once per session and registered in ``sys.modules`` (dataclasses look their module up there)."""

@@ -17,15 +17,11 @@ from diffusers_gfprune.teacher import load_kind, load_teacher, resolve_teacher
 
 from .conftest import REPO_ROOT
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest.py)
+
 TEACHER = os.path.join(REPO_ROOT, "teachers", "ldm-photos")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -11,15 +11,11 @@ from diffusers_gfprune.counting import model_counts
 
 from .conftest import REPO_ROOT, load_script
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest.py)
+
 TEACHER = os.path.join(REPO_ROOT, "teachers", "ddpm-photos")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

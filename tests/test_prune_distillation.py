@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 
 from .conftest import REPO_ROOT, load_script
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest.py)
+
 # The schedule of tests/test_prune_script.py: soft phase 0..3, hard phase 4..6, export after step 6, fine-tuning to 12.
 RUN_ARGS = [
     "--max_train_steps", "12", "--soft_steps", "3", "--pruning_steps", "6", "--rescore_every", "1",
@@ -27,12 +29,6 @@ FINAL_STEP = 12
 EXPORT_AFTER = 6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

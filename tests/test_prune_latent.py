@@ -19,6 +19,8 @@ from safetensors.torch import load_file
 from .conftest import REPO_ROOT, load_script
 from .test_latent_teacher import CHILD, TEACHER
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest.py)
+
 # 8 steps: soft phase 0..2, hard 3..4, export after step 4, fine-tuning to 8; checkpoints every 2 steps.
 RUN = [
     "--dataset_name", "photos", "--max_train_samples", "32", "--train_batch_size", "4",
@@ -31,12 +33,6 @@ RUN = [
 PIXEL_RUN = RUN[2:]  # the same run, on the data set each test names
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

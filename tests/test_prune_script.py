@@ -20,6 +20,8 @@ from safetensors.torch import load_file
 
 from .conftest import REPO_ROOT, load_script
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest.py)
+
 PRUNE_SCRIPT = os.path.join(REPO_ROOT, "training", "prune.py")
 
 # 12 steps: soft phase 0..3, hard phase 4..6, export after step 6, fine-tuning 7..12; a checkpoint every 2 steps.
@@ -39,14 +41,6 @@ MESSAGES = {}  # bad-input case -> the error message, printed at the end of the 
 RESULTS = {}  # resume / two-process numbers, printed at the end of the module
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The runs are tiny: one intra-op thread is faster on a small shared machine (and the launched processes
-    get OMP_NUM_THREADS=1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
