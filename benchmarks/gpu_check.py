@@ -56,8 +56,8 @@ that no other row covers, and every value of every axis appears at least once.
   ``tests/test_prune_script.py``): the CIFAR-10 bf16 gradient_flow row with ``--multi_gpu --num_processes 2`` (NCCL
   collectives of the scores) and its resume from a checkpoint inside the pruning stage (the DDP wrapper).
 
-Rows run ``--jobs`` at a time (3 on CUDA; their seconds are wall times under that sharing, not step costs); the 256-px
-rows one at a time and the two-GPU rows and the throughput alone. The whole check ends within ``--time_budget``
+The throughput runs first, alone on the GPU. Then rows run ``--jobs`` at a time (3 on CUDA; their seconds are wall
+times under that sharing, not step costs), the 256-px rows one at a time, the two-GPU rows alone. The whole check ends within ``--time_budget``
 seconds (570 on CUDA, preparation included): a launch still running then is ended (FAIL) and rows not started are
 NOT RUN, which fails the check too: it did not test what it lists.
 
@@ -191,7 +191,7 @@ def _gf(form):
 
 
 def matrix(quick: bool) -> List[Row]:
-    """The rows, in the order they start (the long ones first); see the module docstring for why these."""
+    """The rows, in the order they start (the throughput alone, then the long runs first); see the module docstring."""
     if quick:
         digits = dict(teacher="digits", batch=4, steps=4, soft=1, pruning=2, checkpointing=1)
         return [
@@ -208,6 +208,10 @@ def matrix(quick: bool) -> List[Row]:
     cifar = dict(teacher="cifar10", batch=128, steps=6, soft=2, pruning=3, checkpointing=3)
     church = dict(teacher="church256", batch=4, steps=4, soft=1, pruning=2, checkpointing=1000, heavy=True)
     rows = [
+        # First and alone: the GPU is otherwise idle while it times, and it cannot be ended at the time budget.
+        Row("throughput/cifar10", "throughput", exclusive=True,
+            throughput=dict(model="cifar10", dtypes=("float32", "bfloat16"), batches=(64, 128), num_steps=5, warmup=1,
+                            repeats=5)),
         Row("church256/bf16/progressive/gradient_flow:loss_change/stock", "prune", precision="bf16",
             criterion="gradient_flow", form="loss_change",
             extra=("--score_batches", "1", "--score_batch_size", "4", "--score_chunk_size", "2"), **church),
@@ -243,9 +247,6 @@ def matrix(quick: bool) -> List[Row]:
             criterion="gradient_flow", form="loss_change", num_processes=2, exclusive=True, **dict(cifar, batch=64)),
         Row("cifar10/2gpu/bf16/resume", "resume", base="cifar10/2gpu/bf16/progressive/gradient_flow:loss_change/stock",
             resume_from=3, num_processes=2, exclusive=True),
-        Row("throughput/cifar10", "throughput", exclusive=True,
-            throughput=dict(model="cifar10", dtypes=("float32", "bfloat16"), batches=(64, 128), num_steps=5, warmup=1,
-                            repeats=5)),
     ]
     return rows
 
@@ -375,12 +376,14 @@ def run_command(command: List[str], env: Dict[str, str], log_path: str, timeout:
 
 
 def error_line(output: str) -> str:
-    """The last line that names an error (the exception of a traceback), else the last line."""
-    lines = [line.strip() for line in output.splitlines() if line.strip()]
-    for line in reversed(lines):
-        if re.match(r"^[\w.]*(Error|Exception|Interrupt)\b|^error:|^\S+: error:", line):
-            return line[:300]
-    return lines[-1][:300] if lines else "(no output)"
+    """The script's own error: the last exception line of its traceback (or argparse's 'error:' line), not the
+    launcher's report that its child failed; else the last line."""
+    lines = [re.sub(r"^\[rank\d+\]:\s*", "", line.strip()) for line in output.splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"^[\w.]*(Error|Exception|Interrupt)\b|^\S+: error:", line)]
+    launcher = ("subprocess.CalledProcessError", "torch.distributed.elastic", "ChildFailedError")
+    own = [line for line in errors if not line.startswith(launcher)]
+    picked = own or errors or lines or ["(no output)"]
+    return picked[-1][:300]
 
 
 # ------------------------------------------------------------------------------------- what a run must show
@@ -676,6 +679,16 @@ def table(results: List[Result]) -> str:
     return "\n".join(lines)
 
 
+def memory_summary(results: List[Result]) -> dict:
+    """The largest peak of the scoring and of the pruning-stage step against the fine-tune step, over the runs."""
+    out = {}
+    for phase in ("scoring", "pruning_stage"):
+        ratios = [(r.numbers["peak_memory_vs_finetune"][phase], r.name) for r in results
+                  if r.status == PASS and r.numbers.get("peak_memory_vs_finetune", {}).get(phase) is not None]
+        out[phase] = dict(zip(("ratio", "row"), max(ratios))) if ratios else None
+    return out
+
+
 def machine(device: str) -> dict:
     import diffusers
     import torch
@@ -788,12 +801,17 @@ def main(argv=None) -> int:
     for r in failed:
         if r.log_tail:
             print(f"\n--- {r.name}: last lines of its output ---\n" + "\n".join(r.log_tail.splitlines()[-25:]))
+    memory = memory_summary(results)
+    for phase, worst in memory.items():
+        shown = f"up to {worst['ratio']:.2f}x ({worst['row']})" if worst else "n/a (no CUDA peaks in the summaries)"
+        print(f"peak memory of the {phase.replace('_', '-')} phase against the fine-tune step: {shown}")
     counts = {s: sum(r.status == s for r in results) for s in (PASS, FAIL, SKIPPED, NOT_RUN)}
     print(f"\n{', '.join(f'{v} {k}' for k, v in counts.items() if v)} in {wall:.0f} s"
           + (f"; failed: {', '.join(r.name for r in failed)}" if failed else ""))
     if args.output_json:
         report = {"passed": not failed, "mode": "quick" if args.quick else "full", "device": args.device,
                   "machine": machine(args.device), "jobs": args.jobs, "wall_seconds": wall, "counts": counts,
+                  "peak_memory_vs_finetune": memory,
                   "rows": [dict(asdict(r), row=asdict(by_name[r.name])) for r in results], "table": text,
                   "command": "python benchmarks/gpu_check.py " + shlex.join(sys.argv[1:] if argv is None else argv)}
         os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)

@@ -299,3 +299,28 @@ def test_a_resume_must_end_where_the_uninterrupted_run_ended(mask, weight, atol,
     else:
         with pytest.raises(gpu_check.CheckFailed, match=match):
             gpu_check.compare_resumed(resumed, base, 4, atol)
+
+
+@pytest.mark.parametrize("output, expected", [
+    ("Traceback (most recent call last):\n  File \"prune.py\", line 1\nValueError: Unknown criterion 'x'\n"
+     "Traceback (most recent call last):\nsubprocess.CalledProcessError: Command '[...]' returned non-zero exit status 1.",
+     "ValueError: Unknown criterion 'x'"),
+    ("[rank1]: Traceback (most recent call last):\n[rank1]: RuntimeError: NCCL error\n"
+     "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: training/prune.py FAILED",
+     "RuntimeError: NCCL error"),
+    ("usage: prune.py [-h]\nprune.py: error: unrecognized arguments: --no_such_flag", "prune.py: error: unrecognized arguments: --no_such_flag"),
+    ("Killed", "Killed"),
+    ("", "(no output)"),
+])
+def test_the_reason_is_the_scripts_own_error(output, expected, gpu_check):
+    assert gpu_check.error_line(output) == expected
+
+
+def test_memory_summary_takes_the_largest_peak_ratio(gpu_check):
+    def result(name, status, scoring, stage):
+        return gpu_check.Result(name, status, numbers={"peak_memory_vs_finetune": {"scoring": scoring, "pruning_stage": stage}})
+
+    results = [result("a", "PASS", 2.0, None), result("b", "PASS", 3.5, 1.2), result("c", "FAIL", 9.0, 9.0),
+               gpu_check.Result("d", "SKIPPED")]
+    assert gpu_check.memory_summary(results) == {"scoring": {"ratio": 3.5, "row": "b"}, "pruning_stage": {"ratio": 1.2, "row": "b"}}
+    assert gpu_check.memory_summary(results[3:]) == {"scoring": None, "pruning_stage": None}
