@@ -513,8 +513,8 @@ def describe_throughput(rows: List[dict]) -> Dict[tuple, str]:
     for r in rows:
         key = (r["dtype"], r["batch_size"])
         head = lines.get(key, f"dense {1000 * r['dense_step_s']['median']:.2f} ms/step")
-        lines[key] = (head + f"; {r['key']} {r['speedup']['median']:.2f}x of {r['mac_ratio']:.2f}x "
-                      f"({r['fraction_of_ideal']:.2f})")
+        lines[key] = (head + f", {r['key']} {r['speedup']['median']:.2f}x of {r['mac_ratio']:.2f}x "
+                      f"({r['fraction_of_ideal']:.2f} of ideal)")
     return lines
 
 
@@ -585,7 +585,7 @@ class Runner:
                 result.numbers = compare_resumed(output_dir, self.output_dir(row.base), source.steps, atol)
                 result.numbers.update(stage=stage.group(1), **{"run": check_run(source, output_dir)})
                 diffs = result.numbers["max_abs_diff"]
-                result.summary = (f"from checkpoint-{row.resume_from} ({stage.group(1)} stage); masks equal; max |diff| "
+                result.summary = (f"from checkpoint-{row.resume_from} ({stage.group(1)} stage); masks equal; max abs diff "
                                   + ", ".join(f"{k.split('/')[-1]} {v:.2g}" for k, v in diffs.items()))
             else:
                 result.numbers = check_run(row, output_dir)
@@ -608,7 +608,7 @@ class Runner:
                           log_tail=traceback.format_exc()[-4000:])
         seconds = time.perf_counter() - start
         lines = describe_throughput(rows)
-        summary = " | ".join(f"{dtype} b{batch}: {text}" for (dtype, batch), text in lines.items())
+        summary = "; ".join(f"{dtype} batch {batch}: {text}" for (dtype, batch), text in lines.items())
         return Result(row.name, PASS, seconds, summary=summary, numbers={"rows": rows})
 
     # -- scheduling
