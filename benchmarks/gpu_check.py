@@ -1,25 +1,29 @@
 #!/usr/bin/env python
 """One command that runs what users run on a GPU, prints a table and exits non-zero on any failure.
 
-    python benchmarks/gpu_check.py --output_json gpu_check.json     # one CUDA GPU, at most 10 minutes on an H100
-    python benchmarks/gpu_check.py --device cpu --quick             # the CI version on a CPU (about a minute)
+    python benchmarks/gpu_check.py --output_json gpu_check.json     # one CUDA GPU; ends within 10 minutes
+    python benchmarks/gpu_check.py --device cpu --quick             # the CI version on a CPU (about 40 s)
     python benchmarks/gpu_check.py --list                           # the rows and their commands; nothing runs
 
 No network: the teachers are the shipped ``teachers/ddpm-photos`` (``teachers/ddpm-digits`` in the quick mode) and
 random-weight UNets shaped like google/ddpm-cifar10-32 and google/ddpm-church-256, saved as local DDPMPipeline
 folders (safetensors) in a temporary folder; the data are the built-in ``photos`` (32 px) and, for the 256-px
-shape, a folder of PNGs made from them.
+shape, a folder of PNGs made from them. The launches import this checkout's ``diffusers_gfprune`` (it is put first on
+their PYTHONPATH), installed or not.
 
 What a row is
 -------------
 Every pruning row is ``accelerate launch [--mixed_precision P] [--dynamo_backend inductor] training/prune.py ...``
 in a subprocess, the README's GPU command shape (``--target_macs 0.5``, the per-device ``--train_batch_size``, EMA,
-checkpoints), for a few steps: soft phase, hard phase, export, fine-tuning, and a checkpoint inside the pruning stage.
+checkpoints), for a few steps: soft phase, hard phase, export, fine-tuning, with checkpoints inside the pruning stage
+(the 256-px rows write only the last one: about 1.4 GB each).
 The launcher is the real one, so the accelerate state, autocast, the GradScaler and ``torch.compile`` are what users
 get. A row passes when the run exits 0 and its ``pruning_summary.json`` says the precision and process count asked
 for, a finite final loss, fewer parameters than the teacher, and the saved UNet holds only finite weights. It shows
 the peak GPU memory of each phase (``peak_memory_bytes`` of the summary: the pruning-stage training step, scoring,
-the fine-tune step; "n/a" where the summary has none) and each against the fine-tune step.
+the fine-tune step; "n/a" where the summary has none) and each against the fine-tune step. A compiled row also counts
+the frames that hit dynamo's recompile limit (which then run eagerly): the run works either way, but that number says
+how much of it ran compiled.
 
 A resume row copies the checkpoints of its base row up to one inside the pruning stage into a fresh folder and
 resumes with ``--resume_from_checkpoint latest`` (as ``tests/test_prune_script.py`` does): the pruner, the EMA, the
@@ -28,9 +32,9 @@ with the uninterrupted base run. The final masks must be equal (the re-scoring a
 weights); the weights must be bit-equal on a CPU and within ``--resume_atol`` on CUDA, whose kernels are not
 bit-deterministic (exactness itself is tested on the CPU by ``tests/test_prune_script.py``).
 
-The throughput rows time the dense CIFAR-10-shaped UNet against it exported at 50% of its MACs in both layouts
+The throughput row times the dense CIFAR-10-shaped UNet against it exported at 50% of its MACs in both layouts
 (``benchmarks/speed.py``'s export and timing, interleaved rounds), in float32 and bfloat16 at batch 64 and 128: the
-MAC-ratio table of ``docs/speed.md`` on the GPU. They fail only on an error; the speed-ups are measurements.
+MAC-ratio table of ``docs/speed.md`` on the GPU. It fails only on an error; the speed-ups are measurements.
 
 The matrix (default mode) and why
 ---------------------------------
@@ -48,7 +52,8 @@ that no other row covers, and every value of every axis appears at least once.
   ``loss_change`` at batch 128 with the default scoring (4 x 128 images, chunks of 32); fp16 magnitude per-layer at
   batch 128 (the base of the fp16 resume, which restores the GradScaler); fp32 one-shot taylor at batch 64; bf16
   magnitude at batch 128 under ``inductor``; the fp16 resume. 6 steps (soft 2, hard to 3, export after step 4).
-* church-256 shape (113.7M parameters, 256 px, random weights): batch 4 and 4 steps, one row per precision (fp32
+* church-256 shape (113.7M parameters, 256 px, random weights): batch 4 and 4 steps (soft 1, hard to 2, export after
+  step 3), one row per precision (fp32
   magnitude; bf16 gradient_flow ``loss_change`` with 1 x 4 scoring images in chunks of 2, the double backward being
   the memory peak; fp16 one-shot diff_pruning over 10 timesteps, per-layer). Compile and resume at 256 px add nothing
   that the smaller shapes do not test, and cost minutes. These rows run one at a time (GPU memory).
@@ -57,9 +62,11 @@ that no other row covers, and every value of every axis appears at least once.
   collectives of the scores) and its resume from a checkpoint inside the pruning stage (the DDP wrapper).
 
 The throughput runs first, alone on the GPU. Then rows run ``--jobs`` at a time (3 on CUDA; their seconds are wall
-times under that sharing, not step costs), the 256-px rows one at a time, the two-GPU rows alone. The whole check ends within ``--time_budget``
-seconds (570 on CUDA, preparation included): a launch still running then is ended (FAIL) and rows not started are
-NOT RUN, which fails the check too: it did not test what it lists.
+times under that sharing, not step costs), the longest first (the compiled runs: compiling and recompiling after the
+export take minutes; then the 256-px rows, one at a time), the two-GPU rows alone at the end. The whole check
+ends within ``--time_budget`` seconds (570 on CUDA, preparation included): a launch still running then is ended (FAIL)
+and rows not started are NOT RUN, which fails the check too: it did not test what it lists. How long the matrix takes
+on an H100 has not been measured; ``--only`` and ``--jobs`` trim it.
 
 The quick mode (``--device cpu --quick``) runs the same code on the digits teacher: fp32 progressive magnitude
 (stock, a checkpoint every step), bf16 one-shot gradient_flow ``loss_change`` (per-layer), the resume of the first
@@ -88,7 +95,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from types import SimpleNamespace
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 REPO = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 sys.path.insert(0, REPO)
@@ -212,6 +219,9 @@ def matrix(quick: bool) -> List[Row]:
         Row("throughput/cifar10", "throughput", exclusive=True,
             throughput=dict(model="cifar10", dtypes=("float32", "bfloat16"), batches=(64, 128), num_steps=5, warmup=1,
                             repeats=5)),
+        # Compiling (and recompiling after the export) takes minutes: the compiled runs start first.
+        Row("cifar10/bf16/progressive/magnitude/stock/inductor", "prune", precision="bf16", dynamo=True, **cifar),
+        Row("photos/bf16/progressive/magnitude/stock/inductor", "prune", precision="bf16", dynamo=True, **photos),
         Row("church256/bf16/progressive/gradient_flow:loss_change/stock", "prune", precision="bf16",
             criterion="gradient_flow", form="loss_change",
             extra=("--score_batches", "1", "--score_batch_size", "4", "--score_chunk_size", "2"), **church),
@@ -219,14 +229,12 @@ def matrix(quick: bool) -> List[Row]:
             criterion="diff_pruning", layout="per-layer", extra=("--score_batches", "1", "--diff_pruning_timesteps", "10"),
             **church),
         Row("church256/no/progressive/magnitude/stock", "prune", **church),
-        Row("cifar10/bf16/progressive/magnitude/stock/inductor", "prune", precision="bf16", dynamo=True, **cifar),
         Row("cifar10/bf16/progressive/gradient_flow:loss_change/stock", "prune", precision="bf16",
             criterion="gradient_flow", form="loss_change", **cifar),
         Row("cifar10/fp16/progressive/magnitude/per-layer", "prune", precision="fp16", layout="per-layer", **cifar),
         Row("cifar10/no/one-shot/taylor/stock", "prune", process="one-shot", criterion="taylor",
             extra=("--score_batches", "2"), **dict(cifar, batch=64)),
         Row("cifar10/fp16/resume", "resume", base="cifar10/fp16/progressive/magnitude/per-layer", resume_from=3),
-        Row("photos/bf16/progressive/magnitude/stock/inductor", "prune", precision="bf16", dynamo=True, **photos),
         Row("photos/no/progressive/magnitude/stock", "prune", **photos),
         Row("photos/bf16/progressive/gradient_flow:loss_change/stock", "prune", precision="bf16",
             criterion="gradient_flow", form="loss_change", **photos),
@@ -275,7 +283,8 @@ def make_image_folder(folder: str, resolution: int, count: int = 64) -> str:
     images = photos.photo_crops("train", 32).images[:count]
     for i, image in enumerate(images):
         array = np.ascontiguousarray(np.transpose(np.asarray(image), (1, 2, 0)))
-        Image.fromarray(array).resize((resolution, resolution), Image.Resampling.BICUBIC).save(os.path.join(folder, f"{i:03d}.png"))
+        image = Image.fromarray(array).resize((resolution, resolution), Image.Resampling.BICUBIC)
+        image.save(os.path.join(folder, f"{i:03d}.png"))
     return folder
 
 
@@ -347,6 +356,8 @@ def child_env(device: str, home: str, threads: int, gpus: Optional[str]) -> Dict
            if not k.startswith(("ACCELERATE_", "MASTER_", "WORLD_", "RANK", "LOCAL_RANK", "OMPI_", "PMI_"))}
     env.update(HF_HOME=home, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    # This checkout's package, whether or not it is installed (and not another installed version of it).
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     elif gpus is not None:
@@ -460,7 +471,8 @@ def compare_resumed(output_dir: str, base_dir: str, steps: int, atol: float) -> 
 
     masks, base_masks = (load_file(os.path.join(d, "pruning_masks.safetensors")) for d in (output_dir, base_dir))
     if masks.keys() != base_masks.keys() or any(not (masks[k] == base_masks[k]).all() for k in masks):
-        differ = sum(int((masks[k] != base_masks[k]).sum()) for k in masks if k in base_masks and masks[k].shape == base_masks[k].shape)
+        differ = sum(int((masks[k] != base_masks[k]).sum()) for k in masks
+                     if k in base_masks and masks[k].shape == base_masks[k].shape)
         raise CheckFailed(f"final masks differ from the uninterrupted run ({differ} units)")
     diffs = {}
     for sub in ("unet", f"checkpoint-{steps}/unet_ema"):
@@ -504,6 +516,12 @@ def run_throughput(spec: dict, device: str, seed: int = 0) -> List[dict]:
     rows = []
     for dtype in spec["dtypes"]:
         rows += speed.run_throughput(arch, dense, variants, timing, getattr(torch, dtype), torch.device(device))
+    del dense, variants
+    if device == "cuda":  # the launches after it get the whole GPU, not what this process's allocator keeps
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -563,7 +581,8 @@ class Runner:
                 shutil.copytree(os.path.join(base_dir, c), os.path.join(output_dir, c))
         extra = list(self.args.prune_args) + (["--resume_from_checkpoint", "latest"] if row.kind == "resume" else [])
         launch = launch_args(source, self.args.device)
-        command = _accelerate() + launch + [PRUNE_SCRIPT] + script_args(source, self.teacher_flags[source.teacher], output_dir, extra)
+        flags = self.teacher_flags[source.teacher]
+        command = _accelerate() + launch + [PRUNE_SCRIPT] + script_args(source, flags, output_dir, extra)
         gpus = None
         if self.args.device == "cuda" and self.gpus > 1:
             gpus = ",".join(str(i) for i in range(row.num_processes)) if row.num_processes > 1 else str(slot % self.gpus)
@@ -590,6 +609,10 @@ class Runner:
             else:
                 result.numbers = check_run(row, output_dir)
                 result.summary = describe_run(result.numbers)
+                if row.dynamo:  # works either way; how much of it ran compiled is a number to read
+                    hits = len(re.findall(r"hit config\.recompile_limit", output))
+                    result.numbers["dynamo_recompile_limit_hits"] = hits
+                    result.summary += f"; {hits} compiled frames hit dynamo's recompile limit (run eagerly after it)"
         except CheckFailed as e:
             result.reason = str(e)
             result.log_tail = output[-4000:]
@@ -637,7 +660,8 @@ class Runner:
                             continue
                         if self.deadline - time.monotonic() < self.args.min_row_seconds:
                             pending.remove(name)
-                            self.results[name] = Result(name, NOT_RUN, reason=f"the time budget of {self.args.time_budget:.0f} s was spent")
+                            spent = f"the time budget of {self.args.time_budget:.0f} s was spent"
+                            self.results[name] = Result(name, NOT_RUN, reason=spent)
                             continue
                         busy = [self.rows[n] for n, _ in running.values()]
                         if len(busy) >= self.args.jobs or any(r.exclusive for r in busy):
@@ -660,8 +684,8 @@ class Runner:
                     except Exception as e:  # noqa: BLE001 -- an error of the check itself fails its row
                         result = Result(name, FAIL, reason=f"{type(e).__name__}: {e}"[:300])
                     self.results[name] = result
-                    print(f"  {result.status:7s} {name} ({result.seconds:.0f} s){': ' + result.reason if result.reason else ''}",
-                          flush=True)
+                    reason = f": {result.reason}" if result.reason else ""
+                    print(f"  {result.status:7s} {name} ({result.seconds:.0f} s){reason}", flush=True)
         return [self.results[name] for name in self.order]
 
     @staticmethod
@@ -727,9 +751,11 @@ def parse_args(argv=None):
                         help="CUDA: the largest |diff| of a resumed run's weights to the uninterrupted run's (kernels are not "
                              "bit-deterministic); on a CPU they must be equal.")
     parser.add_argument("--prune_args", type=str, default="",
-                        help="Extra flags appended to every prune.py command (one string, shell-quoted), e.g. '--logging_steps 1'.")
+                        help="Extra flags appended to every prune.py command (one string, shell-quoted), "
+                             "e.g. '--logging_steps 1'.")
     parser.add_argument("--work_dir", type=str, default=None,
-                        help="Where the teachers, runs and logs go (default: a temporary folder, removed unless --keep_outputs or a row failed).")
+                        help="Where the teachers, runs and logs go (default: a temporary folder, removed unless "
+                             "--keep_outputs or a row failed).")
     parser.add_argument("--keep_outputs", action="store_true", help="Keep the work folder.")
     args = parser.parse_args(argv)
     args.prune_args = shlex.split(args.prune_args)
@@ -787,8 +813,8 @@ def main(argv=None) -> int:
     owns_work_dir = args.work_dir is None
     work_dir = args.work_dir or tempfile.mkdtemp(prefix="gpu_check_")
     os.makedirs(work_dir, exist_ok=True)
-    print(f"gpu_check: {len(rows)} rows on {args.device} ({args.gpu_count} GPU(s)), {args.jobs} at a time; work folder {work_dir}",
-          flush=True)
+    print(f"gpu_check: {len(rows)} rows on {args.device} ({args.gpu_count} GPU(s)), {args.jobs} at a time; "
+          f"work folder {work_dir}", flush=True)
     needed = sorted({prune_row(r, {x.name: x for x in rows}).teacher for r in rows if r.kind != "throughput"})
     flags = prepare_teachers(needed, args.quick, work_dir)
     results = Runner(rows, args, work_dir, flags, deadline).run()

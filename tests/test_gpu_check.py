@@ -96,8 +96,8 @@ def test_a_failing_row_fails_the_check(tmp_path):
     """An option prune.py refuses makes its row FAIL with prune.py's message, the resume of it NOT RUN, and the exit
     status non-zero."""
     path = tmp_path / "bad.json"
-    result = run_script("--device", "cpu", "--quick", "--only", "digits/no/resume", "--prune_args", "--criterion no_such_criterion",
-                        "--output_json", str(path))
+    result = run_script("--device", "cpu", "--quick", "--only", "digits/no/resume",
+                        "--prune_args", "--criterion no_such_criterion", "--output_json", str(path))
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
     printed = table_rows(result.stdout)
     assert list(printed) == ["digits/no/progressive/magnitude/stock", "digits/no/resume"]
@@ -202,7 +202,8 @@ def test_every_command_passes_the_launcher_and_prune_checks(quick, gpu_check, tm
     flags = {}
     for name, teacher in gpu_check.teachers(quick).items():
         path = teacher.path or _config_only_pipeline(tmp_path / name, teacher.config, gpu_check.SCHEDULER_VARIANCE[name])
-        flags[name] = gpu_check.teacher_flags(teacher, path, _images(tmp_path / f"{name}_images") if teacher.image_folder else None)
+        images = _images(tmp_path / f"{name}_images") if teacher.image_folder else None
+        flags[name] = gpu_check.teacher_flags(teacher, path, images)
     checked = 0
     for row in rows:
         if row.kind == "throughput":
@@ -308,7 +309,8 @@ def test_a_resume_must_end_where_the_uninterrupted_run_ended(mask, weight, atol,
     ("[rank1]: Traceback (most recent call last):\n[rank1]: RuntimeError: NCCL error\n"
      "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: training/prune.py FAILED",
      "RuntimeError: NCCL error"),
-    ("usage: prune.py [-h]\nprune.py: error: unrecognized arguments: --no_such_flag", "prune.py: error: unrecognized arguments: --no_such_flag"),
+    ("usage: prune.py [-h]\nprune.py: error: unrecognized arguments: --no_such_flag",
+     "prune.py: error: unrecognized arguments: --no_such_flag"),
     ("Killed", "Killed"),
     ("", "(no output)"),
 ])
@@ -322,5 +324,6 @@ def test_memory_summary_takes_the_largest_peak_ratio(gpu_check):
 
     results = [result("a", "PASS", 2.0, None), result("b", "PASS", 3.5, 1.2), result("c", "FAIL", 9.0, 9.0),
                gpu_check.Result("d", "SKIPPED")]
-    assert gpu_check.memory_summary(results) == {"scoring": {"ratio": 3.5, "row": "b"}, "pruning_stage": {"ratio": 1.2, "row": "b"}}
+    assert gpu_check.memory_summary(results) == {"scoring": {"ratio": 3.5, "row": "b"},
+                                                 "pruning_stage": {"ratio": 1.2, "row": "b"}}
     assert gpu_check.memory_summary(results[3:]) == {"scoring": None, "pruning_stage": None}
