@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from typing import List, Optional
 
 import torch
@@ -565,6 +566,35 @@ def scoring_losses(dataset, step: int, seed: int, batch_size: int, num_batches: 
         losses.append(DDPMLoss(images[part].to(device), noise[part].to(device), timesteps[part].to(device), scheduler,
                                prediction_type, chunk_size))
     return losses
+
+
+@contextmanager
+def compile_deferred(accelerator, defer: bool = True):
+    """``accelerator.prepare`` without torch.compile inside the context (when ``defer``).
+
+    The masked dense model of the pruning stage is not worth compiling: its mask hooks take data-dependent decisions
+    (which GroupNorm channels live) that dynamo cannot trace, so it breaks the graph in every block, recompiles once
+    per width and, having given up on ``UNet2DModel.forward``, keeps giving up for the slim model too. The slim model
+    after the export is compiled with the backend the user asked for (:func:`reset_compiler` first).
+    """
+    from accelerate.utils import DynamoBackend
+
+    plugin = accelerator.state.dynamo_plugin
+    saved = plugin.backend
+    if defer:
+        plugin.backend = DynamoBackend.NO
+    try:
+        yield
+    finally:
+        plugin.backend = saved
+
+
+def reset_compiler(accelerator) -> None:
+    """Forget what dynamo learnt about earlier models (give-ups, guards) before a new model is compiled."""
+    from accelerate.utils import DynamoBackend
+
+    if accelerator.state.dynamo_plugin.backend != DynamoBackend.NO:
+        torch._dynamo.reset()
 
 
 def forget_prepared(accelerator) -> None:

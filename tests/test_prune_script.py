@@ -558,11 +558,17 @@ def test_compiled_model_prunes_exports_and_resumes(prune, reference, tiny_teache
 
     reference_dir, _ = reference
     monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "EAGER")
+    compiled = []  # the widths of every model accelerate compiles
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(list(model.config.block_out_channels))
+                        or compile_(model, **kw))
     AcceleratorState._reset_state(reset_partial_state=True)  # the state of earlier in-process runs has no dynamo
     try:
         output_dir = tmp_path / "run"
         prune.main(run_args(tiny_teacher["pipeline"], output_dir))
         assert AcceleratorState().dynamo_plugin.backend.value == "EAGER"
+        # Only the slim model is compiled: the masked dense model's hooks would break dynamo's graph in every block.
+        assert compiled == [[8, 16]], compiled
         assert_same(load_file(str(output_dir / "pruning_masks.safetensors")),
                     load_file(str(reference_dir / "pruning_masks.safetensors")), "final masks with torch.compile")
         shutil.rmtree(output_dir / f"checkpoint-{FINAL_STEP}")

@@ -388,7 +388,8 @@ def main(argv=None):
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
-    student, optimizer, dataloader, lr_scheduler = accelerator.prepare(student, optimizer, dataloader, lr_scheduler)
+    with training.compile_deferred(accelerator, defer=stage == "pruning"):  # --dynamo_backend acts on the slim model
+        student, optimizer, dataloader, lr_scheduler = accelerator.prepare(student, optimizer, dataloader, lr_scheduler)
     if pruner is not None:
         pruner.to(accelerator.device)  # the masks were made on the host, before accelerate moved the model
     if ema is not None:
@@ -735,6 +736,7 @@ def _export_and_rebuild(accelerator, dense, ema, pruner, units, args, global_ste
         for _ in range(global_step * training.scheduler_steps_per_update(accelerator.num_processes, accelerator.split_batches)):
             lr_scheduler.step()
     training.forget_prepared(accelerator)
+    training.reset_compiler(accelerator)
     slim, optimizer, lr_scheduler = accelerator.prepare(slim, optimizer, lr_scheduler)
     return slim, optimizer, lr_scheduler, new_ema
 
