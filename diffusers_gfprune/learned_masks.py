@@ -84,7 +84,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Dict, Optional, Tuple
@@ -96,6 +95,7 @@ from .distributed import all_reduce_mean, world_size
 from .export import stock_keep_ratio
 from .masks import UnitMasks
 from .selection import SELECTIONS, check_round_to, select, select_local
+from .state_files import load_state, save_state
 
 PARAMETRIZATIONS = ("hard_concrete", "sigmoid", "straight_through")
 SCOPES = ("global", "family")
@@ -788,20 +788,11 @@ class LearnedMasks:
 
     def save(self, directory: str) -> None:
         """Write ``learned_masks.safetensors`` and ``learned_masks.json`` into ``directory``."""
-        from safetensors.torch import save_file
-
         state = self.state_dict()
-        os.makedirs(directory, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in state["tensors"].items()}, os.path.join(directory, "learned_masks.safetensors"))
-        with open(os.path.join(directory, "learned_masks.json"), "w") as f:
-            json.dump(state["meta"], f, indent=2)
+        save_state(directory, "learned_masks", state["tensors"], state["meta"])
 
     def load(self, directory: str) -> None:
-        from safetensors.torch import load_file
-
-        tensors = load_file(os.path.join(directory, "learned_masks.safetensors"))
-        with open(os.path.join(directory, "learned_masks.json")) as f:
-            meta = json.load(f)
+        tensors, meta = load_state(directory, "learned_masks")
         self.load_state_dict({"tensors": tensors, "meta": meta})
 
 

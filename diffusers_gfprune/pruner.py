@@ -23,7 +23,6 @@ units (:func:`~diffusers_gfprune.distributed.check_rank_agreement`).
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
@@ -36,6 +35,7 @@ from .distributed import all_reduce_mean, check_rank_agreement
 from .masks import UnitMasks
 from .precision import full_precision, unscaled
 from .selection import SELECTIONS, check_round_to, prune_counts_local, select
+from .state_files import load_state, save_state
 from .units import UnitSet
 
 PHASES = ("soft", "hard", "done")
@@ -423,22 +423,9 @@ class GradientFlowPruner:
 
     def save(self, directory: str) -> None:
         """Write ``pruner.safetensors`` and ``pruner.json`` into ``directory``."""
-        import os
-
-        from safetensors.torch import save_file
-
         state = self.state_dict()
-        os.makedirs(directory, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in state["tensors"].items()}, os.path.join(directory, "pruner.safetensors"))
-        with open(os.path.join(directory, "pruner.json"), "w") as f:
-            json.dump(state["meta"], f, indent=2)
+        save_state(directory, "pruner", state["tensors"], state["meta"])
 
     def load(self, directory: str) -> None:
-        import os
-
-        from safetensors.torch import load_file
-
-        tensors = load_file(os.path.join(directory, "pruner.safetensors"))
-        with open(os.path.join(directory, "pruner.json")) as f:
-            meta = json.load(f)
+        tensors, meta = load_state(directory, "pruner")
         self.load_state_dict({"tensors": tensors, "meta": meta})

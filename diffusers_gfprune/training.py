@@ -465,24 +465,15 @@ def write_json(data, path: str, indent: int = 2) -> None:
 
 def save_extra_state(directory: str, tensors: dict, meta: dict) -> None:
     """Tensors as safetensors and the rest as JSON, next to accelerate's own files."""
-    import json
+    from .state_files import save_state
 
-    from safetensors.torch import save_file
-
-    os.makedirs(directory, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(directory, "training_state.safetensors"))
-    with open(os.path.join(directory, "training_state.json"), "w") as f:
-        json.dump(meta, f, indent=2)
+    save_state(directory, "training_state", tensors, meta)
 
 
 def load_extra_state(directory: str):
-    import json
+    from .state_files import load_state
 
-    from safetensors.torch import load_file
-
-    with open(os.path.join(directory, "training_state.json")) as f:
-        meta = json.load(f)
-    return load_file(os.path.join(directory, "training_state.safetensors")), meta
+    return load_state(directory, "training_state")
 
 
 # ---------------------------------------------------------------------- saving

@@ -26,7 +26,7 @@ import warnings
 import torch
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
-from diffusers import DDIMScheduler, DDPMPipeline, UNet2DModel
+from diffusers import DDIMScheduler, UNet2DModel
 from tqdm.auto import tqdm
 
 from diffusers_gfprune import data, evaluation, export, training
@@ -38,7 +38,7 @@ from diffusers_gfprune.distillation import DistillationConfig, Distiller, Featur
 from diffusers_gfprune.modeling_pruned_unet import PrunedUNet2DModel
 from diffusers_gfprune.plotting import plot_pruning_run
 from diffusers_gfprune.pruner import PROCESSES, REACTIVATION_RULES, SOFT_COMMITS, GradientFlowPruner, PrunerConfig
-from diffusers_gfprune.sampling import comparison_grid, sample_images
+from diffusers_gfprune.sampling import comparison_grid
 from diffusers_gfprune.step_log import PeakMemory, StepLog
 from diffusers_gfprune.selection import check_macs_target
 from diffusers_gfprune.teacher import load_kind, load_teacher, resolve_teacher
