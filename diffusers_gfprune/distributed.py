@@ -11,7 +11,7 @@ the processes would train different networks under one DDP wrapper.
 
 from __future__ import annotations
 
-from typing import Dict, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -87,10 +87,3 @@ def check_rank_agreement(values: Mapping[str, torch.Tensor], what: str, device=N
         "train different networks. Every process must score the same units on the same data; check that the "
         "scoring data and every criterion option are the same on every process."
     )
-
-
-def gather_mean(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """The mean across processes of each tensor (copies; the inputs are untouched)."""
-    out = {k: v.detach().clone() for k, v in tensors.items()}
-    all_reduce_mean(list(out.values()))
-    return out

@@ -114,10 +114,8 @@ class UnitMasks:
         return table
 
     def channel_mask(self, module_name: str, dtype=torch.float32, device=None) -> torch.Tensor:
-        """The mask value of every output channel of the producing layer ``module_name`` (dense indexing)."""
-        return self._channel_mask(module_name, dtype, device)
-
-    def _channel_mask(self, module_name: str, dtype, device=None) -> torch.Tensor:
+        """The mask value of every output channel of the producing layer ``module_name`` (dense indexing), moving the
+        masks to ``device`` first when the model has moved there."""
         if device is not None and device != self.values.device:
             self.to(device)  # the model moved after the masks were made (accelerate.prepare, .to(...))
         index = self._table(module_name)
@@ -229,7 +227,7 @@ class UnitMasks:
 
     def _producer_hook(self, name: str):
         def hook(module, args, output):
-            mask = self._channel_mask(name, output.dtype, output.device)
+            mask = self.channel_mask(name, output.dtype, output.device)
             if output.dim() == 4:
                 return output * mask.view(1, -1, 1, 1)
             return output * mask  # Linear, Embedding: channels are the last dimension
@@ -238,7 +236,7 @@ class UnitMasks:
 
     def _group_norm_hook(self, name: str):
         def hook(module: nn.GroupNorm, args, output):
-            mask = self._channel_mask(name, output.dtype, output.device)
+            mask = self.channel_mask(name, output.dtype, output.device)
             keep, num_groups = self._group_norm_plan(name, module)
             if keep is None:
                 return output * _expand(mask, output)

@@ -49,11 +49,6 @@ def full_precision(model: nn.Module):
             model.__dict__["forward"] = removed
 
 
-def is_autocast_wrapped(model: nn.Module) -> bool:
-    """Whether ``model.forward`` is accelerate's mixed-precision wrapper."""
-    return "_original_forward" in model.__dict__ and "forward" in model.__dict__
-
-
 def plain_copy(model: nn.Module, ema=None) -> nn.Module:
     """A copy of ``model`` (with the EMA weights when ``ema`` is given) that runs in the weights' own precision.
 

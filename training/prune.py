@@ -430,7 +430,7 @@ def main(argv=None):
             encode=to_model_input,
         )
 
-    def export_now(student, optimizer, lr_scheduler, ema):
+    def export_now(student, ema):
         """End of the pruning stage: physically remove the masked units; the dense student is released."""
         state["masks"] = {k: v.detach().cpu().contiguous() for k, v in pruner.final_masks().items()}
         slim = _export_and_rebuild(accelerator, unwrapped(student), ema, pruner, units, args, global_step)
@@ -454,7 +454,7 @@ def main(argv=None):
         with memory.phase("scoring"):
             pruner.step(0, scoring(0))
         pruning_seconds += time.time() - tick
-        student, optimizer, lr_scheduler, ema = export_now(student, optimizer, lr_scheduler, ema)
+        student, optimizer, lr_scheduler, ema = export_now(student, ema)
         pruner = None
         state["seconds"]["pruning"] += time.time() - tick
         accelerator.print(f"Pruned in one shot and exported at step 0: {count_parameters(unwrapped(student)):,} parameters")
@@ -524,7 +524,7 @@ def main(argv=None):
 
             if exporting:
                 # End of the pruning stage: physically remove the masked units.
-                student, optimizer, lr_scheduler, ema = export_now(student, optimizer, lr_scheduler, ema)
+                student, optimizer, lr_scheduler, ema = export_now(student, ema)
                 pruner = None
                 feature_map = _feature_map(distiller, teacher, units, pruner, state)
                 accelerator.print(f"Exported at step {global_step}: {count_parameters(unwrapped(student)):,} parameters")
