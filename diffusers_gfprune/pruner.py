@@ -14,6 +14,16 @@ Steps ``t = 0 .. T``. With the soft phase ending at ``N`` and the pruning stage 
 Units that are masked to 0 give no gradient signal, so in the hard phase they are scored in a
 second pass with their masks at 1 ("probe", ``reactivation=True``).
 
+``process="flow"`` replaces the soft phase's ranking and preset ``p_t`` by learned masks
+(:mod:`diffusers_gfprune.learned_masks`): the criterion scores the dense model once at step 0 and its ranks start
+one logit per unit; through the soft phase the training loop calls :meth:`GradientFlowPruner.mask_energy` before
+every forward pass (the gates go into the masks) and :meth:`GradientFlowPruner.update_masks` after the synchronized
+backward pass (the logits descend the same loss as the weights, the expected MACs held on the schedule). At
+``N + 1`` the masks are hardened exactly at the target (:meth:`LearnedMasks.harden`), the step's DDPM loss on the
+first scoring mini-batch is measured with the gates and with the hardened masks (the loss jump, in
+:attr:`GradientFlowPruner.hardening`), and the hard phase, the export and the fine-tuning are the progressive
+process's.
+
 Placement and precision: the masks follow the model's device (:meth:`GradientFlowPruner.to`, and the hooks move
 them on first use); the criteria run in float32 whatever the training precision
 (:func:`~diffusers_gfprune.precision.full_precision`) and compute on the device; the scores come to the host once
@@ -23,6 +33,7 @@ units (:func:`~diffusers_gfprune.distributed.check_rank_agreement`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
@@ -32,6 +43,7 @@ import torch
 from . import schedules
 from .criteria import Criterion, get_criterion
 from .distributed import all_reduce_mean, check_rank_agreement
+from .learned_masks import LearnedMaskConfig, LearnedMasks, MaskBudget
 from .masks import UnitMasks
 from .precision import full_precision, unscaled
 from .selection import SELECTIONS, check_round_to, prune_counts_local, select
@@ -39,7 +51,7 @@ from .state_files import load_state, save_state
 from .units import UnitSet
 
 PHASES = ("soft", "hard", "done")
-PROCESSES = ("progressive", "one-shot")
+PROCESSES = ("progressive", "one-shot", "flow")
 SOFT_COMMITS = ("monotone", "reselect")
 REACTIVATION_RULES = ("fair", "mixed")
 
@@ -62,7 +74,9 @@ class PrunerConfig:
         default="progressive",
         metadata={"help": "'progressive': the soft phase, then the hard phase, export at M (the paper); 'one-shot': score "
                           "the dense model once at step 0, prune the target at once and export (as Diff-Pruning is "
-                          "published), then fine-tune. soft_steps and pruning_steps are ignored by 'one-shot'."},
+                          "published), then fine-tune. soft_steps and pruning_steps are ignored by 'one-shot'. 'flow': "
+                          "the soft phase's masks are trainable gates that descend the training loss under the MACs "
+                          "schedule (learned_masks.py), hardened exactly at the target at N + 1; then as 'progressive'."},
     )
     soft_commit: str = field(
         default="monotone",
@@ -111,7 +125,7 @@ class PrunerConfig:
             raise ValueError(
                 f"Need 0 < soft_steps < pruning_steps, got soft_steps={self.soft_steps}, pruning_steps={self.pruning_steps}."
             )
-        if self.process == "progressive" and not 1 <= self.rescore_every <= self.soft_steps:
+        if self.process != "one-shot" and not 1 <= self.rescore_every <= self.soft_steps:
             raise ValueError(f"rescore_every must lie in [1, soft_steps={self.soft_steps}], got {self.rescore_every}.")
         for name, kind in (("sparsity_schedule", self.sparsity_schedule), ("mask_schedule", self.mask_schedule)):
             if kind not in schedules.SCHEDULES:
@@ -146,18 +160,32 @@ class GradientFlowPruner:
         A criterion object or its name.
     masks : UnitMasks, optional
         Created and attached if not given.
+    flow : LearnedMaskConfig, optional
+        ``process="flow"``: how the learned masks are parametrized and optimized (default
+        :class:`~diffusers_gfprune.learned_masks.LearnedMaskConfig`); refused with another process.
 
     Call :meth:`step` once per optimizer step with a callable that returns the criterion's
     mini-batch losses (only called when a re-scoring happens).
     """
 
-    def __init__(self, model, units: UnitSet, config: PrunerConfig, criterion="gradient_flow", masks: Optional[UnitMasks] = None):
+    def __init__(self, model, units: UnitSet, config: PrunerConfig, criterion="gradient_flow", masks: Optional[UnitMasks] = None,
+                 flow: Optional[LearnedMaskConfig] = None):
         self.model = model
         self.units = units
         self.config = config
         self.criterion: Criterion = get_criterion(criterion) if isinstance(criterion, str) else criterion
+        if flow is not None and config.process != "flow":
+            raise ValueError(f"Learned-mask settings were given for process {config.process!r}; they need process='flow'.")
+        if config.process == "flow" and getattr(self.criterion, "uses_trajectory", False):
+            raise ValueError(f"The {self.criterion.name} criterion learns from the masks' gradients over the training steps; "
+                             "under process 'flow' those gradients train the masks. Choose another criterion (magnitude, "
+                             "gradient_flow with --gradient_flow_form loss_change, ...) or another process.")
         self.masks = masks if masks is not None else UnitMasks(model, units)
         self.masks.attach()
+        self.flow: Optional[LearnedMasks] = None
+        if config.process == "flow":
+            self.flow = LearnedMasks(self.masks, flow, MaskBudget.from_pruner_config(config))
+        self.hardening: Optional[dict] = None  # flow: the loss jump and the gates' state at the hardening
         self.scores: Optional[Dict[str, torch.Tensor]] = None
         self.pruned: Dict[str, torch.Tensor] = {f.name: torch.zeros(f.num_units, dtype=torch.bool) for f in units}
         self.step_count = 0
@@ -168,7 +196,15 @@ class GradientFlowPruner:
     def to(self, device=None) -> "GradientFlowPruner":
         """Move the masks to ``device`` (default: the model's); call after ``accelerator.prepare`` moved the model."""
         self.masks.to(device)
+        if self.flow is not None:
+            self.flow.to(self.masks.device)
         return self
+
+    @property
+    def learning_masks(self) -> bool:
+        """Whether the masks are trainable at this step (``process="flow"``, soft phase): the training loop then calls
+        :meth:`mask_energy` before every forward pass and :meth:`update_masks` after the synchronized backward pass."""
+        return self.flow is not None and self.phase() == "soft"
 
     # ------------------------------------------------------------------ phases
     def phase(self, step: Optional[int] = None) -> str:
@@ -205,6 +241,10 @@ class GradientFlowPruner:
         phase = self.phase(step)
         if c.process == "one-shot":
             return step == 0
+        if c.process == "flow" and phase == "soft":
+            return step == 0  # the criterion starts the logits; the gradient moves them
+        if c.process == "flow" and step == c.soft_steps + 1:
+            return False  # the hardening selects
         if phase == "soft":
             return step % c.rescore_every == 0 and step <= self.last_soft_rescoring()
         if phase == "hard":
@@ -231,6 +271,8 @@ class GradientFlowPruner:
         """
         self.step_count = step
         phase = self.phase(step)
+        if self.flow is not None and (phase == "soft" or (phase == "hard" and self.hardening is None)):
+            return self._flow_step(step, phase, losses)
         rescored = False
         if phase != "done" and self.is_rescoring_step(step):
             self._rescore(losses, phase)
@@ -256,6 +298,78 @@ class GradientFlowPruner:
         if rescored:
             self.history.append({k: info[k] for k in ("step", "phase", "sparsity", "newly_pruned")})
         return info
+
+    # ------------------------------------------------------------------ process "flow"
+    def _flow_step(self, step: int, phase: str, losses) -> dict:
+        """The soft phase of the learned masks (start at step 0, the step's target and noise), or the hardening."""
+        flow = self.flow
+        rescored = False
+        if phase == "soft":
+            if self.scores is None:
+                self._rescore(losses, "soft")  # the dense model, every mask at 1
+                flow.initialize(self.scores)
+                rescored = True
+            info = {"step": step, "phase": "soft", "sparsity": None, "mask_value": None, "rescored": rescored,
+                    "newly_pruned": 0}
+            reporting = rescored or step % self.config.rescore_every == 0 or step == self.config.soft_steps
+            # Reads the device back, so at the re-scoring cadence only; before this step's target is set, so it says
+            # where the last update left the masks against the target they were solved for.
+            report = flow.report() if reporting else None
+            flow.begin_step(step)
+            if reporting:
+                info.update(flow={k: report[k] for k in ("target", "expected_macs", "undecided", "constraint_max_violation")},
+                            sparsity=1 - float(flow.deterministic_gates().gt(0.5).float().mean()))
+                self.history.append({"step": step, "phase": "soft", "sparsity": info["sparsity"], "newly_pruned": 0, **info["flow"]})
+            return info
+        # The first hard step: binary masks exactly at the target, ranked by the logits.
+        report = flow.report()
+        before = self._probe_loss(losses, flow.evaluating)
+        self.pruned = {name: keep == 0 for name, keep in flow.harden().items()}
+        check_rank_agreement(self.pruned, f"the units kept at the hardening (step {step})", self.masks.device)
+        self._write_masks(0.0)
+        after = self._probe_loss(losses, contextlib.nullcontext)
+        self.hardening = {
+            "step": step, "undecided": report["undecided"], "expected_macs": report["expected_macs"],
+            "loss_gates": before, "loss_hard": after, "loss_jump": None if before is None else after - before,
+        }
+        self.last_changes = sum(int(p.sum()) for p in self.pruned.values())
+        self.history.append({"step": step, "phase": "hard", "sparsity": self.current_sparsity(),
+                             "newly_pruned": self.last_changes, "hardening": dict(self.hardening)})
+        return {"step": step, "phase": "hard", "sparsity": self.current_sparsity(), "mask_value": 0.0, "rescored": False,
+                "newly_pruned": self.last_changes, "hardening": dict(self.hardening)}
+
+    def _probe_loss(self, losses, masks_context) -> Optional[float]:
+        """The DDPM loss of the first scoring mini-batch under ``masks_context``, in float32, averaged over processes."""
+        data = losses() if losses is not None else []
+        if not data:
+            return None
+        total = None
+        with torch.no_grad(), full_precision(self.model), masks_context():
+            for weight, chunk in data[0].chunks():
+                value = weight * chunk(self.model).detach().double()
+                total = value if total is None else total + value
+        all_reduce_mean([total])
+        return float(total)
+
+    def mask_energy(self) -> Optional[torch.Tensor]:
+        """``process="flow"``, soft phase: write this step's gates into the masks and return the energy's budget terms
+        (a scalar to add to the training objective); call before every forward pass. None otherwise."""
+        return self.flow.apply() if self.learning_masks else None
+
+    def update_masks(self, grad_scale: Optional[float] = None) -> bool:
+        """``process="flow"``, soft phase: average the logits' gradients across processes and take the masks' step;
+        call after the synchronized backward pass of every optimizer step. Returns whether a step was taken."""
+        if not self.learning_masks:
+            return False
+        self.flow.all_reduce_gradients()
+        return self.flow.update(grad_scale)
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        """The masks to sample with inside the context (validation): the learned masks' evaluation gates in the soft
+        phase of ``process="flow"``, the current values otherwise."""
+        with (self.flow.evaluating() if self.learning_masks else contextlib.nullcontext()):
+            yield self
 
     def _evolve(self, previous: Dict[str, torch.Tensor], proposal: Dict[str, torch.Tensor], phase: str) -> Dict[str, torch.Tensor]:
         """The new selection: ``proposal``'s count per family, as close to ``previous`` as the rules allow.
@@ -399,6 +513,7 @@ class GradientFlowPruner:
             "config": asdict(self.config),
             "history": self.history,
             "num_observed": observed.get("num_observed", 0),
+            "hardening": self.hardening,
         }
         return {"tensors": tensors, "meta": meta}
 
@@ -416,16 +531,22 @@ class GradientFlowPruner:
         self.step_count = int(meta["step"])
         self.num_rescorings = int(meta["num_rescorings"])
         self.history = list(meta["history"])
+        self.hardening = meta.get("hardening")
         if hasattr(self.criterion, "load_observation_state"):
             observed = tensors.get("observed")
             observed = observed.to(self.masks.device) if observed is not None else None
             self.criterion.load_observation_state({"observed": observed, "num_observed": meta.get("num_observed", 0)})
 
     def save(self, directory: str) -> None:
-        """Write ``pruner.safetensors`` and ``pruner.json`` into ``directory``."""
+        """Write ``pruner.safetensors`` and ``pruner.json`` into ``directory`` (and the learned masks' files, soft phase
+        of ``process="flow"``)."""
         state = self.state_dict()
         save_state(directory, "pruner", state["tensors"], state["meta"])
+        if self.flow is not None and self.hardening is None:  # the learned masks' own state, until the hardening
+            self.flow.save(directory)
 
     def load(self, directory: str) -> None:
         tensors, meta = load_state(directory, "pruner")
         self.load_state_dict({"tensors": tensors, "meta": meta})
+        if self.flow is not None and self.hardening is None and self.scores is not None:
+            self.flow.load(directory)

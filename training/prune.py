@@ -13,6 +13,8 @@ The real thing, on a GPU:
 """
 
 import argparse
+import contextlib
+import dataclasses
 import gc
 import json
 import logging
@@ -22,6 +24,7 @@ import re
 import sys
 import time
 import warnings
+from typing import Optional
 
 import torch
 from accelerate.logging import get_logger
@@ -33,6 +36,7 @@ from diffusers_gfprune import data, evaluation, export, training
 from diffusers_gfprune.counting import count_parameters, model_counts
 from diffusers_gfprune.criteria import CRITERIA, GRADIENT_FLOW_FORMS, config_dict, get_criterion
 from diffusers_gfprune.hub import public_name, scrub_local_paths
+from diffusers_gfprune.learned_masks import BUDGETS, PARAMETRIZATIONS, SCOPES, LearnedMaskConfig
 from diffusers_gfprune.distillation import SCHEDULES as DISTILL_SCHEDULES
 from diffusers_gfprune.distillation import DistillationConfig, Distiller, FeatureMap, resolve_feature_layers
 from diffusers_gfprune.modeling_pruned_unet import PrunedUNet2DModel
@@ -81,7 +85,16 @@ def parse_args(argv=None):
                         "most reliable and least damaging form), 'increase' (the paper's reading), 'preserve' or 'mask_flow'.")
     p.add_argument("--process", type=str, default="progressive", choices=PROCESSES,
                    help="'progressive': soft phase, hard phase, export at M (the paper); 'one-shot': prune the dense teacher "
-                        "at step 0, export, fine-tune.")
+                        "at step 0, export, fine-tune; 'flow': the soft phase's masks are trainable gates that descend the "
+                        "training loss under the MACs schedule, started from the criterion's ranks (--flow_* options; "
+                        "docs/benchmarks.md, learned masks).")
+    flow_fields = LearnedMaskConfig.__dataclass_fields__
+    p.add_argument("--flow_parametrization", type=str, default="sigmoid", choices=PARAMETRIZATIONS,
+                   help=flow_fields["parametrization"].metadata["help"])
+    p.add_argument("--flow_budget", type=str, default="projection", choices=BUDGETS, help=flow_fields["budget"].metadata["help"])
+    p.add_argument("--flow_scope", type=str, default=None, choices=SCOPES, help=flow_fields["scope"].metadata["help"])
+    p.add_argument("--flow_learning_rate", type=float, default=None, help=flow_fields["mask_lr"].metadata["help"])
+    p.add_argument("--flow_prior_weight", type=float, default=0.0, help=flow_fields["prior_weight"].metadata["help"])
     p.add_argument("--score_ema", type=float, default=0.5, help="Smoothing of scores between re-scorings.")
     p.add_argument("--score_batches", type=int, default=4,
                    help="Mini-batches per re-scoring (4 x 64 images: split-half rank correlation 0.86 for gradient_flow's loss_change).")
@@ -161,6 +174,8 @@ def card_hyperparameters(args) -> dict:
     keys += ["process"]
     if args.process == "progressive":
         keys += ["score_ema", "soft_commit", "reactivation", "reactivation_rule"]
+    if args.process == "flow":
+        keys += ["flow_parametrization", "flow_budget", "flow_learning_rate", "reactivation", "reactivation_rule"]
     return {k: getattr(args, k) for k in keys}
 
 
@@ -182,6 +197,7 @@ def pruning_config(args) -> PrunerConfig:
         )
     return PrunerConfig(
         target_sparsity=args.target_sparsity,
+        process=args.process,
         soft_steps=soft,
         pruning_steps=pruning,
         rescore_every=args.rescore_every if args.rescore_every is not None else max(1, soft // 10),
@@ -197,6 +213,14 @@ def pruning_config(args) -> PrunerConfig:
         round_to=args.round_to,
         target_macs=args.target_macs if args.layout == "per-layer" else None,
     )
+
+
+def flow_config(args) -> Optional[LearnedMaskConfig]:
+    """The learned masks' settings (``--process flow``), seeded from the run's --seed; None for other processes."""
+    if args.process != "flow":
+        return None
+    return LearnedMaskConfig(parametrization=args.flow_parametrization, budget=args.flow_budget, scope=args.flow_scope,
+                             mask_lr=args.flow_learning_rate, prior_weight=args.flow_prior_weight, seed=args.seed)
 
 
 def distillation_config(args) -> DistillationConfig:
@@ -280,10 +304,25 @@ def validate(args):
     elif args.target_macs is not None:  # per-layer: the selection meets the MACs target itself; refuse what floors forbid
         check_macs_target(units, args.target_macs, args.min_keep_fraction)
     pruning_config(args)  # phase lengths
+    flow = flow_config(args)
+    if flow is None and any(getattr(args, k) != v for k, v in FLOW_DEFAULTS.items()):
+        raise ValueError("The --flow_* options set the learned masks of --process flow; add --process flow or drop them.")
+    if flow is not None and getattr(criterion, "uses_trajectory", False):
+        raise ValueError(f"--criterion {args.criterion} with --gradient_flow_form {args.gradient_flow_form} learns from the "
+                         "masks' gradients over the training steps, which --process flow uses to train the masks; choose "
+                         "another form (loss_change) or criterion (magnitude), or another process.")
     training.resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)  # a missing checkpoint folder
     # Image data sets reveal their channel count only when loaded (their first image); the data set is kept for main.
     dataset = data.load_train_dataset(data_config, in_channels)
     return source, data_config, criterion, dataset
+
+
+FLOW_DEFAULTS = {"flow_parametrization": "sigmoid", "flow_budget": "projection", "flow_scope": None,
+                 "flow_learning_rate": None, "flow_prior_weight": 0.0}
+
+
+def _jsonable(config):
+    return None if config is None else json.loads(json.dumps(dataclasses.asdict(config)))
 
 
 def _load_slim(cls, checkpoint: str):
@@ -334,7 +373,7 @@ def main(argv=None):
         stage = meta["stage"]
     pruner = None
     if stage == "pruning":
-        pruner = GradientFlowPruner(student, units, config, criterion)
+        pruner = GradientFlowPruner(student, units, config, criterion, flow=flow_config(args))
     else:
         slim_cls = UNet2DModel if args.layout == "stock" else PrunedUNet2DModel
         student = _load_slim(slim_cls, resume).train()
@@ -477,8 +516,11 @@ def main(argv=None):
                     with memory.phase("scoring"):
                         info = pruner.step(global_step, scoring(global_step))
                     pruning_seconds += time.time() - tick
-                    pruner.masks.values.requires_grad_(pruner.wants_mask_gradients)
+                    if not pruner.learning_masks:
+                        pruner.masks.values.requires_grad_(pruner.wants_mask_gradients)
                 with memory.phase("pruning_stage" if state["stage"] == "pruning" else "finetune"):
+                    # --process flow: this step's gates go into the masks before every forward pass
+                    energy = pruner.mask_energy() if state["stage"] == "pruning" else None
                     ddpm = noise.loss(to_model_input(batch["images"]), noise_scheduler, args.prediction_type)
                     if distiller is None:
                         loss = objective = ddpm(student)
@@ -486,11 +528,12 @@ def main(argv=None):
                     else:
                         objective, parts = distiller(ddpm, student, global_step, feature_map)
                         loss = parts["ddpm"]  # logged as "loss": the DDPM loss, comparable with runs without distillation
-                    accelerator.backward(objective)
+                    accelerator.backward(objective if energy is None else objective + energy)
+                    scale = accelerator.scaler.get_scale() if accelerator.scaler is not None else None  # fp16 gradients are scaled
                     if state["stage"] == "pruning" and accelerator.sync_gradients and pruner.wants_mask_gradients:
-                        # mask_flow learns from the training steps themselves; fp16 gradients are scaled
-                        scale = accelerator.scaler.get_scale() if accelerator.scaler is not None else None
-                        pruner.observe_training_step(grad_scale=scale)
+                        pruner.observe_training_step(grad_scale=scale)  # mask_flow learns from the training steps themselves
+                    if state["stage"] == "pruning" and accelerator.sync_gradients:
+                        pruner.update_masks(grad_scale=scale)  # --process flow: the masks descend the same loss
                     if accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(student.parameters(), args.max_grad_norm)
                     optimizer.step()
@@ -509,7 +552,9 @@ def main(argv=None):
             progress.update(1)
             # The loss stays on the device until the log is read back (no wait for the GPU in the step).
             log.add({"step": global_step, "phase": phase, "sparsity": sparsity, "lr": lr_scheduler.get_last_lr()[0],
-                     "mask_value": info["mask_value"] if info else None},
+                     "mask_value": info["mask_value"] if info else None,
+                     **{f"flow_{k}": v for k, v in ((info or {}).get("flow") or {}).items()},
+                     **({"hardening": info["hardening"]} if info and "hardening" in info else {})},
                     {"loss": loss, **{f"distill_{k}": v for k, v in parts.items() if k != "ddpm"}})
 
             exporting = state["stage"] == "pruning" and global_step > config.pruning_steps
@@ -518,7 +563,7 @@ def main(argv=None):
             if log.due(global_step) or exporting or checkpointing or validating:
                 for row in log.flush():
                     loss_value = row["loss"]
-                    accelerator.log({k: v for k, v in row.items() if k not in ("step", "phase") and v is not None}, step=row["step"])
+                    accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=row["step"])
                     state["history"].append(row)
                 progress.set_postfix(phase=phase, sparsity=f"{sparsity:.2f}", loss=f"{loss_value:.4f}")
 
@@ -535,14 +580,16 @@ def main(argv=None):
                 accelerator.save_state(os.path.join(args.output_dir, f"checkpoint-{global_step}"))
             if accelerator.is_main_process and validating:
                 unet = training.ema_model(unwrapped(student), ema)
-                images = kind.sample(unet, ddim, fixed_noise, args.num_inference_steps)
+                with pruner.evaluating() if pruner is not None else contextlib.nullcontext():
+                    images = kind.sample(unet, ddim, fixed_noise, args.num_inference_steps)
                 grid = comparison_grid([teacher_images, images], ["teacher", f"pruned ({phase})"], scale=4)
                 os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
                 grid.save(os.path.join(args.output_dir, "samples", f"step-{global_step:06d}.png"))
                 training.log_images(accelerator, "teacher_vs_pruned", grid, global_step)
                 if fid_reference is not None:
-                    fid = evaluation.validation_fid(unet, ddim, args.validation_fid_images, args.num_inference_steps, args.seed,
-                                                    fid_reference, dataset_name=args.dataset_name, kind=kind)
+                    with pruner.evaluating() if pruner is not None else contextlib.nullcontext():
+                        fid = evaluation.validation_fid(unet, ddim, args.validation_fid_images, args.num_inference_steps,
+                                                        args.seed, fid_reference, dataset_name=args.dataset_name, kind=kind)
                     state["history"][-1][fid_key] = fid
                     accelerator.log({fid_key: fid}, step=global_step)
                 tick_step = time.time()  # validation is not training time
@@ -573,6 +620,8 @@ def main(argv=None):
             "unit_sparsity": (None if state["masks"] is None else  # the units removed, whatever the target was
                               1 - sum(float(m.sum()) for m in state["masks"].values()) / sum(m.numel() for m in state["masks"].values())),
             "pruner": {k: getattr(config, k) for k in config.__dataclass_fields__},
+            "learned_masks": _jsonable(flow_config(args)),
+            "hardening": next((row["hardening"] for row in state["history"] if "hardening" in row), None),
             "time_reembedding_error": reembedding.embedding_relative_error if reembedding else None,
             "dense": dense_stats,
             "pruned": pruned_stats,
