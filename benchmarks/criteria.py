@@ -32,6 +32,7 @@ import time
 from typing import Optional
 
 import numpy as np
+import safetensors.torch
 import torch
 from tqdm.auto import tqdm
 
@@ -185,7 +186,7 @@ def run_argv(args, criterion: str, seed: int, output_dir: str) -> list:
     """prune.py's arguments for one run: everything but --criterion and --seed is the same for all runs."""
     argv = [
         "--pretrained_model_name_or_path", args.teacher, "--dataset_name", args.dataset_name, "--output_dir", output_dir,
-        "--overwrite_output_dir", *parse_variant(criterion)["flags"], "--seed", str(seed), "--target_macs", str(args.target_macs),
+        "--overwrite_output_dir", "--seed", str(seed), "--target_macs", str(args.target_macs),
         "--layout", args.layout, "--max_train_steps", str(args.max_train_steps), "--train_batch_size", str(args.train_batch_size),
         "--score_batches", str(args.score_batches), "--num_eval_images", "0",
         "--validation_steps", str(args.validation_steps), "--validation_fid_images", str(args.validation_fid_images),
@@ -197,7 +198,8 @@ def run_argv(args, criterion: str, seed: int, output_dir: str) -> list:
     for flag in ("soft_steps", "pruning_steps", "rescore_every", "score_batch_size", "diff_pruning_timesteps"):
         if getattr(args, flag) is not None:
             argv += [f"--{flag}", str(getattr(args, flag))]
-    return argv + (getattr(args, "prune_args", "") or "").split()
+    # The variant's own flags last: they override the budget's (an equal-wall-time arm's +max_train_steps=...).
+    return argv + (getattr(args, "prune_args", "") or "").split() + parse_variant(criterion)["flags"]
 
 
 def run_one(args, criterion: str, seed: int) -> dict:
@@ -243,6 +245,23 @@ def sample(unet, scheduler, noise, steps: int, desc: str) -> torch.Tensor:
     ddim = DDIMScheduler.from_config(scheduler.config)
     chunks = noise.split(128)
     return torch.cat([sample_images(unet, ddim, c, steps) for c in tqdm(chunks, desc=desc, leave=False)])
+
+
+def final_samples(args, done: dict, unet, scheduler, noise) -> torch.Tensor:
+    """The run's final samples, kept in its folder: a benchmark extended with more variants (--reuse_runs) samples
+    only the new runs. Reused only for the same run (its prune.py arguments) and the same evaluation settings."""
+    key = {"argv": done["argv"], "eval_seed": args.eval_seed, "num_eval_images": args.num_eval_images,
+           "num_inference_steps": args.num_inference_steps}
+    path = os.path.join(done["run_dir"], "final_samples.safetensors")
+    if args.reuse_runs and os.path.isfile(path):
+        stored = safetensors.torch.load_file(path)
+        with open(path[: -len(".safetensors")] + ".json") as f:
+            if json.load(f) == key:
+                return stored["images"]
+    images = sample(unet, scheduler, noise, args.num_inference_steps, f"{done['criterion']} seed {done['seed']}")
+    safetensors.torch.save_file({"images": images.contiguous()}, path)
+    write_json(key, path[: -len(".safetensors")] + ".json")
+    return images
 
 
 def feature_key(dataset_name: str) -> str:
@@ -583,7 +602,7 @@ def main(argv=None):
     for done in tqdm(finished, desc="final evaluation"):
         unet, _ = load_teacher(resolve_teacher(done["run_dir"]))
         unet.eval().requires_grad_(False)
-        images = sample(unet, scheduler, noise, args.num_inference_steps, f"{done['criterion']} seed {done['seed']}")
+        images = final_samples(args, done, unet, scheduler, noise)
         summary = done["summary"]
         row = {
             "criterion": done["criterion"], "seed": done["seed"], "run_dir": done["run_dir"],

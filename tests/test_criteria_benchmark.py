@@ -117,6 +117,17 @@ def test_variants_become_prune_flags(text, flags):
     assert load_benchmark().parse_variant(text)["flags"] == flags
 
 
+def test_a_variants_options_override_the_budget():
+    """An equal-wall-time arm trains longer than the budget: its +max_train_steps must reach prune.py, not the budget's."""
+    bench = load_benchmark()
+    args = bench.parse_args(["--prune_args", "--score_batches 4"])
+    parsed = lambda variant: bench.load_prune().parse_args(bench.run_argv(args, variant, 0, "out"))
+    longer = parsed("magnitude+max_train_steps=330+soft_steps=30+pruning_steps=60+score_batches=2")
+    assert (longer.max_train_steps, longer.soft_steps, longer.pruning_steps, longer.score_batches) == (330, 30, 60, 2)
+    plain = parsed("magnitude@flow")
+    assert (plain.max_train_steps, plain.process, plain.score_batches) == (args.max_train_steps, "flow", 4)
+
+
 @pytest.mark.parametrize("argv, match", [
     (["--criteria", "gradient_flow", "nonsense"], "Unknown criterion"),
     (["--criteria", "taylor:preserve"], "only gradient_flow takes a form"),
