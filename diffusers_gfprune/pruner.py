@@ -186,6 +186,7 @@ class GradientFlowPruner:
         if config.process == "flow":
             self.flow = LearnedMasks(self.masks, flow, MaskBudget.from_pruner_config(config))
         self.hardening: Optional[dict] = None  # flow: the loss jump and the gates' state at the hardening
+        self._flow_sparsity = 0.0
         self.scores: Optional[Dict[str, torch.Tensor]] = None
         self.pruned: Dict[str, torch.Tensor] = {f.name: torch.zeros(f.num_units, dtype=torch.bool) for f in units}
         self.step_count = 0
@@ -309,7 +310,7 @@ class GradientFlowPruner:
                 self._rescore(losses, "soft")  # the dense model, every mask at 1
                 flow.initialize(self.scores)
                 rescored = True
-            info = {"step": step, "phase": "soft", "sparsity": None, "mask_value": None, "rescored": rescored,
+            info = {"step": step, "phase": "soft", "sparsity": self._flow_sparsity, "mask_value": None, "rescored": rescored,
                     "newly_pruned": 0}
             reporting = rescored or step % self.config.rescore_every == 0 or step == self.config.soft_steps
             # Reads the device back, so at the re-scoring cadence only; before this step's target is set, so it says
@@ -317,8 +318,10 @@ class GradientFlowPruner:
             report = flow.report() if reporting else None
             flow.begin_step(step)
             if reporting:
+                # The fraction of units whose gate is below 0.5: kept until the next report.
+                self._flow_sparsity = 1 - float(flow.deterministic_gates().gt(0.5).float().mean())
                 info.update(flow={k: report[k] for k in ("target", "expected_macs", "undecided", "constraint_max_violation")},
-                            sparsity=1 - float(flow.deterministic_gates().gt(0.5).float().mean()))
+                            sparsity=self._flow_sparsity)
                 self.history.append({"step": step, "phase": "soft", "sparsity": info["sparsity"], "newly_pruned": 0, **info["flow"]})
             return info
         # The first hard step: binary masks exactly at the target, ranked by the logits.

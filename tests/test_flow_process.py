@@ -29,7 +29,7 @@ from .test_prune_script import (
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SOFT_STEPS = 3  # RUN_ARGS: soft phase 0..3, the hardening at step 4, export after step 6
-FLOW = ["--process", "flow"]
+FLOW = ["--process", "flow", "--rescore_every", "2"]  # soft-phase reports every 2 steps: steps without one too
 
 
 @pytest.fixture(scope="module")
