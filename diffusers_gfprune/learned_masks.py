@@ -60,6 +60,15 @@ CoFi, Xia et al. 2022; Sheared-LLaMA, Xia et al. 2024).
   stock keep ratio (:func:`diffusers_gfprune.export.stock_keep_ratio`), one global ranking (units or MACs) for the
   per-layer layout. Equal logits are broken by unit order (stable sort), so the result is deterministic.
 
+* **The gates' gradient without their memory** (``gate_gradient``, default ``"parameters"`` for sigmoid gates). A
+  mask in the autograd graph makes autograd keep every masked layer's output before the mask (about 1.5x a training
+  step's activations). Each mask multiplies the whole output of a layer linear in its own parameters, so ``m_u dL/dm_u
+  = S_u = sum(theta * dL/dtheta)`` over the unit's producing layers (:meth:`UnitMasks.parameter_products`); with
+  ``dm/dz = m (1 - m) / tau`` the logits' gradient is ``S_u (1 - m_u) / tau`` through the projection, formed after the
+  backward pass from the gradients training computes anyway, with the masks constant in the forward pass. Equal to
+  autograd's (tested); hard-concrete and straight-through gates need autograd (a division by the gate, or the
+  gradient at a gate of 0).
+
 * **Optimization and state.** The logits and the multipliers have their own Adam without weight decay (a decay
   would pull every logit to 0, a gate of about 0.5: a bias, not a regularizer). :meth:`LearnedMasks.state_dict`
   holds every tensor (logits, thresholds, multipliers, the prior's start, the optimizer's moments and step
@@ -74,7 +83,7 @@ Per optimizer step::
     for micro_batch in accumulation:   # before every forward pass: gates -> masks.values, and the budget terms
         loss = task_loss(model, micro_batch) + flow.apply()
         loss.backward()
-    flow.all_reduce_gradients()        # several processes
+    flow.all_reduce_gradients()        # the gates' gradient (from the weights' gradients: before clipping them); processes
     flow.update()                      # the logits descend the energy, the multipliers ascend it
     ...
     masks = flow.harden()              # at the end of the soft phase: binary, exactly at the target
@@ -98,6 +107,7 @@ from .selection import SELECTIONS, check_round_to, select, select_local
 from .state_files import load_state, save_state
 
 PARAMETRIZATIONS = ("hard_concrete", "sigmoid", "straight_through")
+GATE_GRADIENTS = ("auto", "autograd", "parameters")
 SCOPES = ("global", "family")
 BUDGETS = ("lagrangian", "projection")
 UNDECIDED = (0.1, 0.9)  # a gate strictly between these is reported as not yet decided
@@ -178,6 +188,14 @@ class LearnedMaskConfig:
                           "tau makes the sigmoid gates near-binary."},
     )
     seed: int = field(default=0, metadata={"help": "Seed of the hard-concrete gate noise (the same on every process)."})
+    gate_gradient: str = field(
+        default="auto",
+        metadata={"help": "How the logits get the task loss's gradient: 'autograd' (the gates are in the graph; autograd "
+                          "keeps every masked layer's output before the mask, about 1.5x a training step's activation "
+                          "memory) or 'parameters' (the masks are constants in the forward pass and the gradient is formed "
+                          "after the backward pass from the producing layers' sum(theta * dL/dtheta): the same gradient, "
+                          "the memory of a plain step; sigmoid gates only). 'auto': 'parameters' for sigmoid gates."},
+    )
 
     def __post_init__(self):
         if self.parametrization not in PARAMETRIZATIONS:
@@ -205,6 +223,11 @@ class LearnedMaskConfig:
             raise ValueError(f"beta must be > 0, got {self.beta!r}.")
         if not (self.gamma < 0 and self.zeta > 1):
             raise ValueError(f"The hard-concrete stretch needs gamma < 0 < 1 < zeta, got gamma={self.gamma}, zeta={self.zeta}.")
+        if self.gate_gradient not in GATE_GRADIENTS:
+            raise ValueError(f"Unknown gate_gradient {self.gate_gradient!r}; choose one of {GATE_GRADIENTS}.")
+        if self.gate_gradient == "parameters" and self.parametrization != "sigmoid":
+            raise ValueError(f"gate_gradient='parameters' forms the gradient of sigmoid gates (d gate / d logit = m (1 - m) "
+                             f"/ tau cancels the 1 / m it needs); {self.parametrization} gates need gate_gradient='autograd'.")
         if not (0 < self.temperature_end <= self.temperature_start):
             raise ValueError(f"Need 0 < temperature_end <= temperature_start, got {self.temperature_end} and "
                              f"{self.temperature_start}.")
@@ -363,6 +386,9 @@ class LearnedMasks:
         self.generator = self._make_generator()
         self._noise: Optional[torch.Tensor] = None
         self._index_cache: Dict[tuple, torch.Tensor] = {}
+        gate_gradient = self.config.gate_gradient
+        self.from_parameters = gate_gradient == "parameters" or (gate_gradient == "auto" and self.config.parametrization == "sigmoid")
+        self._applied = False  # apply() ran since the last update(): the parameters' gradients belong to these gates
 
     # ------------------------------------------------------------------ set-up
     def _setup_constraints(self) -> None:
@@ -549,12 +575,34 @@ class LearnedMasks:
             raise RuntimeError("Call begin_step(step) before apply(): the step's gate noise is not drawn yet.")
         with _no_autocast(self.logits.device):
             target = self.target_at(self.progress)
-            if self.config.budget == "projection":
-                z = self._logits_on_target(target)
-            else:
-                z = self._shifted()
-            self.masks.values = self._gates(z, self._noise)
+            z = self._on_target(target)
+            gates = self._gates(z, self._noise)
+            # gate_gradient="parameters": constants in the forward pass; collect_gradient() forms their gradient (from
+            # the weights' gradients, so not for frozen weights: then autograd).
+            self._applied = self.from_parameters and self.masks.producers_require_grad()
+            self.masks.values = gates.detach() if self._applied else gates
             return self.energy_terms(z, target)
+
+    def _on_target(self, target: float) -> torch.Tensor:
+        return self._logits_on_target(target) if self.config.budget == "projection" else self._shifted()
+
+    def collect_gradient(self) -> None:
+        """``gate_gradient="parameters"``: add the task loss's gradient to the logits, formed from the weights' gradients.
+
+        With ``m = sigmoid(z / tau)``, ``dL/dm_u = S_u / m_u`` (:meth:`UnitMasks.parameter_products`) and ``dm/dz = m
+        (1 - m) / tau``, so ``dL/dz_u = S_u (1 - m_u) / tau``: no division by a gate that may be 0. The projection's
+        Jacobian from the logits to ``z`` is applied by autograd. Call after the step's backward passes, before the
+        gradients are clipped or stepped (and before :meth:`all_reduce_gradients`); a no-op otherwise.
+        """
+        if not (self.from_parameters and self._applied):
+            return
+        products = self.masks.parameter_products().to(self.logits.device)
+        with _no_autocast(self.logits.device), torch.enable_grad():
+            tau = self.temperature_at(self.progress)
+            z = self._on_target(self.target_at(self.progress))
+            gates = torch.sigmoid(z.detach() / tau)
+            z.backward(products * (1 - gates) / tau)
+        self._applied = False
 
     def _logits_on_target(self, target: float) -> torch.Tensor:
         """The logits shifted, per constraint, so that the constraints equal ``target``; differentiable.
@@ -615,6 +663,7 @@ class LearnedMasks:
         The multipliers' gradients depend only on the logits, which every process holds alike, so they are already
         equal. Call after the backward passes of a step and before :meth:`update`.
         """
+        self.collect_gradient()
         if world_size() == 1:
             return
         if self.logits.grad is None:  # a process whose step gave no gradient still joins the collective
@@ -635,6 +684,7 @@ class LearnedMasks:
         bool
             Whether the step was taken.
         """
+        self.collect_gradient()
         params = [self.logits, self.lambda1, self.lambda2]
         taken = True
         if grad_scale is not None:
@@ -645,6 +695,7 @@ class LearnedMasks:
         if taken:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._applied = False
         # Drop the graph held by the last gates: validation and scoring between steps use plain values.
         with torch.no_grad():
             self.masks.values = self._gates(self._shifted(), self._noise).detach()

@@ -248,10 +248,47 @@ class UnitMasks:
             # In the layer's output precision: float32 under autocast even for half inputs, as the layer computed.
             kept = F.group_norm(x.index_select(1, keep).to(output.dtype), num_groups, weight, bias, module.eps).to(output.dtype)
             kept = kept * _expand(mask.index_select(0, keep), kept)
-            # Removed channels are exactly 0; one buffer, no further copy of the activation.
-            return kept.new_zeros(output.shape).index_copy(1, keep, kept)
+            # Removed channels are exactly 0; one buffer, no further copy of the activation. An indexed assignment,
+            # not index_copy: autograd keeps only the index for it (index_copy keeps the kept channels' values too).
+            out = kept.new_zeros(output.shape)
+            out[:, keep] = kept
+            return out
 
         return hook
+
+    # ------------------------------------------------------------------ gradients
+    def producers_require_grad(self) -> bool:
+        """Whether every producing layer's parameters get gradients (needed by :meth:`parameter_products`)."""
+        modules = dict(self.model.named_modules())
+        return all(p.requires_grad for name in self._gather_host for p in modules[name].parameters(recurse=False))
+
+    def parameter_products(self) -> torch.Tensor:
+        """``S_u``: the sum of ``theta * dL/dtheta`` over the parameters that produce each unit's channels (flat order).
+
+        Every mask multiplies the whole output of a layer that is linear in its own parameters (a convolution's,
+        linear layer's or embedding's weight and bias, a GroupNorm's affine pair), so for ``y = m_u * f(theta)``:
+        ``sum(theta * dL/dtheta) = m_u * dL/dm_u`` summed over the unit's producing layers. The masks' gradient can
+        thus be formed from the weights' gradients, which training computes anyway, with the masks held constant in
+        the forward pass: autograd then keeps no layer's output before the mask (:mod:`~diffusers_gfprune.learned_masks`,
+        ``gate_gradient="parameters"``). Call after the backward pass and before anything changes the gradients
+        (clipping, the optimizer's step). Parameters without a gradient count 0.
+        """
+        modules = dict(self.model.named_modules())
+        total = self.values.new_zeros(self.units.num_units + 1, dtype=torch.float32)  # the last slot: no unit
+        for name in self._gather_host:
+            module = modules[name]
+            per_channel = None
+            for param in (module.weight, getattr(module, "bias", None)):
+                if param is None or param.grad is None:
+                    continue
+                product = (param.detach().float() * param.grad.float())
+                product = product.sum(0) if isinstance(module, nn.Embedding) else product.reshape(product.shape[0], -1).sum(1)
+                per_channel = product if per_channel is None else per_channel + product
+            if per_channel is not None:
+                index = self._table(name).clone()
+                index[index < 0] = self.units.num_units
+                total.index_add_(0, index.to(per_channel.device), per_channel)
+        return total[:-1]
 
     # ------------------------------------------------------------------ values
     def family_values(self, name: str) -> torch.Tensor:
