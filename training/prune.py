@@ -219,8 +219,12 @@ def flow_config(args) -> Optional[LearnedMaskConfig]:
     """The learned masks' settings (``--process flow``), seeded from the run's --seed; None for other processes."""
     if args.process != "flow":
         return None
+    # Feature distillation reads the mask values in the loss itself (it masks the teacher's features), a path the
+    # weights' gradients do not see: the gates' gradient then comes from autograd.
+    gate_gradient = "autograd" if args.distill_feature_weight > 0 else "auto"
     return LearnedMaskConfig(parametrization=args.flow_parametrization, budget=args.flow_budget, scope=args.flow_scope,
-                             mask_lr=args.flow_learning_rate, prior_weight=args.flow_prior_weight, seed=args.seed)
+                             mask_lr=args.flow_learning_rate, prior_weight=args.flow_prior_weight, seed=args.seed,
+                             gate_gradient=gate_gradient)
 
 
 def distillation_config(args) -> DistillationConfig:
