@@ -477,9 +477,11 @@ class _Trainer:
         self.ema = training.create_ema(model, args)
         self.max_grad_norm = args.max_grad_norm
 
-    def step(self, loss_fn):
+    def step(self, loss_fn, after_backward=None):
         loss = loss_fn(self.model)
         loss.backward()
+        if after_backward is not None:  # prune.py's place for the masks' step: before the weights' gradients are clipped
+            after_backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -641,8 +643,7 @@ def run_overhead(arch: Architecture, dense, units, args, device) -> dict:
 
     def flow_step():
         flow.begin_step(quiet_step)
-        flowing.step(lambda model: flow.apply() + train_loss(quiet_step)(model))
-        flow.update()
+        flowing.step(lambda model: flow.apply() + train_loss(quiet_step)(model), after_backward=flow.update)
 
     phases = {
         "finetune_dense": lambda: plain.step(train_loss(1)),

@@ -326,11 +326,11 @@ class GradientFlowPruner:
             return info
         # The first hard step: binary masks exactly at the target, ranked by the logits.
         report = flow.report()
-        before = self._probe_loss(losses, flow.evaluating)
+        before = self.probe_loss(losses, flow.evaluating)
         self.pruned = {name: keep == 0 for name, keep in flow.harden().items()}
         check_rank_agreement(self.pruned, f"the units kept at the hardening (step {step})", self.masks.device)
         self._write_masks(0.0)
-        after = self._probe_loss(losses, contextlib.nullcontext)
+        after = self.probe_loss(losses, contextlib.nullcontext)
         self.hardening = {
             "step": step, "undecided": report["undecided"], "expected_macs": report["expected_macs"],
             "loss_gates": before, "loss_hard": after, "loss_jump": None if before is None else after - before,
@@ -341,7 +341,7 @@ class GradientFlowPruner:
         return {"step": step, "phase": "hard", "sparsity": self.current_sparsity(), "mask_value": 0.0, "rescored": False,
                 "newly_pruned": self.last_changes, "hardening": dict(self.hardening)}
 
-    def _probe_loss(self, losses, masks_context) -> Optional[float]:
+    def probe_loss(self, losses, masks_context=contextlib.nullcontext) -> Optional[float]:
         """The DDPM loss of the first scoring mini-batch under ``masks_context``, in float32, averaged over processes."""
         data = losses() if losses is not None else []
         if not data:

@@ -41,6 +41,7 @@ from diffusers_gfprune.distillation import SCHEDULES as DISTILL_SCHEDULES
 from diffusers_gfprune.distillation import DistillationConfig, Distiller, FeatureMap, resolve_feature_layers
 from diffusers_gfprune.modeling_pruned_unet import PrunedUNet2DModel
 from diffusers_gfprune.plotting import plot_pruning_run
+from diffusers_gfprune.repair import inputs_from_losses, repair_removed_units
 from diffusers_gfprune.pruner import PROCESSES, REACTIVATION_RULES, SOFT_COMMITS, GradientFlowPruner, PrunerConfig
 from diffusers_gfprune.sampling import comparison_grid
 from diffusers_gfprune.step_log import PeakMemory, StepLog
@@ -117,6 +118,11 @@ def parse_args(argv=None):
                    help="diff_pruning: timesteps scanned from low to high noise (default: the criterion's own, 100).")
     p.add_argument("--reactivation_fraction", type=float, default=0.05,
                    help="Hard phase: at most this fraction of a family's pruned units swap back in per re-scoring.")
+    p.add_argument("--repair_at_removal", type=str, default="off", choices=["on", "off"],
+                   help="--process one-shot: fold the removed attention heads' and resnet GroupNorm groups' mean contribution "
+                        "into their consumer's bias (to_out[0], conv2), measured on the scoring mini-batches with every mask "
+                        "at 1 (FLAP-style bias compensation; diffusers_gfprune/repair.py). The progressive and flow processes "
+                        "remove units continuously, so there is nothing left to fold at their export.")
     p.add_argument("--min_keep_fraction", type=float, default=0.1, help="per-layer: every family keeps at least this fraction.")
     p.add_argument("--round_to", type=int, default=1,
                    help="Keep every width a multiple of this many channels (8, 16 or 32 run faster; see docs/speed.md). "
@@ -172,6 +178,8 @@ def card_hyperparameters(args) -> dict:
     if args.criterion == "gradient_flow":
         keys += ["hvp", "gradient_flow_form"]
     keys += ["process"]
+    if args.process == "one-shot":
+        keys += ["repair_at_removal"]
     if args.process == "progressive":
         keys += ["score_ema", "soft_commit", "reactivation", "reactivation_rule"]
     if args.process == "flow":
@@ -308,6 +316,10 @@ def validate(args):
     elif args.target_macs is not None:  # per-layer: the selection meets the MACs target itself; refuse what floors forbid
         check_macs_target(units, args.target_macs, args.min_keep_fraction)
     pruning_config(args)  # phase lengths
+    if args.repair_at_removal == "on" and args.process != "one-shot":
+        raise ValueError("--repair_at_removal on folds what a one-shot removal takes away; with --process "
+                         f"{args.process} the masks reach 0 gradually before the export and nothing is left to fold. Use "
+                         "--process one-shot or drop the flag.")
     flow = flow_config(args)
     if flow is None and any(getattr(args, k) != v for k, v in FLOW_DEFAULTS.items()):
         raise ValueError("The --flow_* options set the learned masks of --process flow; add --process flow or drop them.")
@@ -392,7 +404,7 @@ def main(argv=None):
     # "masks": the final binary masks (1 = keep) once the pruning stage is over; saved in every later checkpoint.
     # "history": per-step loss/sparsity/lr for the curves plot, kept in checkpoints so a resumed run plots the whole run.
     # "seconds": wall time spent in each stage (summed over resumed runs).
-    state = {"stage": stage, "masks": None, "history": [], "seconds": {"pruning": 0.0, "finetune": 0.0}}
+    state = {"stage": stage, "masks": None, "history": [], "seconds": {"pruning": 0.0, "finetune": 0.0}, "removal": None}
     ema = training.create_ema(student, args) if args.use_ema else None
     optimizer = training.create_optimizer(student, args)
     lr_scheduler = training.create_lr_scheduler(optimizer, args, accelerator.num_processes, accelerator.split_batches)
@@ -412,7 +424,8 @@ def main(argv=None):
                 pruner.save(os.path.join(output_dir, "pruner"))
             tensors = {f"noise/{k}": v for k, v in noise.state_dict().items()}
             tensors.update({f"masks/{k}": v for k, v in (state["masks"] or {}).items()})
-            training.save_extra_state(output_dir, tensors, {"stage": state["stage"], "history": state["history"], "seconds": state["seconds"]})
+            training.save_extra_state(output_dir, tensors, {"stage": state["stage"], "history": state["history"],
+                                                            "seconds": state["seconds"], "removal": state["removal"]})
 
     def load_hook(models, input_dir):
         for _ in range(len(models)):
@@ -425,6 +438,7 @@ def main(argv=None):
         tensors, meta = training.load_extra_state(input_dir)
         state["history"] = list(meta.get("history", []))
         state["seconds"] = dict(meta.get("seconds", state["seconds"]))
+        state["removal"] = meta.get("removal")
         noise.load_state_dict({k[len("noise/"):]: v for k, v in tensors.items() if k.startswith("noise/")})
         masks = {k[len("masks/"):]: v for k, v in tensors.items() if k.startswith("masks/")}
         state["masks"] = masks or None
@@ -473,10 +487,10 @@ def main(argv=None):
             encode=to_model_input,
         )
 
-    def export_now(student, ema):
+    def export_now(student, ema, repair=None):
         """End of the pruning stage: physically remove the masked units; the dense student is released."""
         state["masks"] = {k: v.detach().cpu().contiguous() for k, v in pruner.final_masks().items()}
-        slim = _export_and_rebuild(accelerator, unwrapped(student), ema, pruner, units, args, global_step)
+        slim = _export_and_rebuild(accelerator, unwrapped(student), ema, pruner, units, args, global_step, repair)
         state["stage"] = "finetune"
         pruner.masks.detach()
         if distiller is None and accelerator.device.type != "cpu":
@@ -496,8 +510,16 @@ def main(argv=None):
         tick = time.time()
         with memory.phase("scoring"):
             pruner.step(0, scoring(0))
+        # The one-shot damage: the DDPM loss of the first scoring mini-batch before and after the removal.
+        state["removal"] = {"loss_dense": pruner.probe_loss(scoring(0), pruner.masks.all_kept),
+                            "loss_removed": pruner.probe_loss(scoring(0))}
+        repair = None
+        if args.repair_at_removal == "on":
+            repair = repair_removed_units(unwrapped(student), units, pruner.masks, pruner.final_masks(),
+                                          inputs_from_losses(scoring(0)()))
+            state["removal"].update(loss_repaired=pruner.probe_loss(scoring(0)), repair=repair.as_dict())
         pruning_seconds += time.time() - tick
-        student, optimizer, lr_scheduler, ema = export_now(student, ema)
+        student, optimizer, lr_scheduler, ema = export_now(student, ema, repair)
         pruner = None
         state["seconds"]["pruning"] += time.time() - tick
         accelerator.print(f"Pruned in one shot and exported at step 0: {count_parameters(unwrapped(student)):,} parameters")
@@ -626,6 +648,7 @@ def main(argv=None):
             "pruner": {k: getattr(config, k) for k in config.__dataclass_fields__},
             "learned_masks": _jsonable(flow_config(args)),
             "hardening": next((row["hardening"] for row in state["history"] if "hardening" in row), None),
+            "removal": state["removal"],
             "time_reembedding_error": reembedding.embedding_relative_error if reembedding else None,
             "dense": dense_stats,
             "pruned": pruned_stats,
@@ -769,13 +792,16 @@ def _save_masks(masks, units, args, path):
     save_file({k: masks[k].float().contiguous() for k in masks}, path, metadata=metadata)
 
 
-def _export_and_rebuild(accelerator, dense, ema, pruner, units, args, global_step):
-    """Export the masked dense student (``dense``: unwrapped) and its EMA, and continue with a fresh optimizer."""
+def _export_and_rebuild(accelerator, dense, ema, pruner, units, args, global_step, repair=None):
+    """Export the masked dense student (``dense``: unwrapped) and its EMA, and continue with a fresh optimizer.
+    ``repair``: the bias changes already made on ``dense`` (repair at removal), made on the EMA too."""
     masks = pruner.final_masks()
     slim = export.export_model(dense, units, masks, args.layout).train()
     new_ema = None
     if ema is not None:
         dense_ema = training.ema_model(dense, ema)
+        if repair is not None:
+            repair.apply_to(dense_ema)
         slim_ema = export.export_model(dense_ema, units, masks, args.layout)
         new_ema = training.create_ema(slim, args)
         new_ema.shadow_params = [p.detach().clone() for p in slim_ema.parameters()]
