@@ -45,6 +45,7 @@ from typing import Dict, Iterable, List, Tuple
 import torch
 from torch import nn
 
+from .distributed import all_reduce_mean, world_size
 from .precision import full_precision
 from .units import IN, UnitSet
 
@@ -64,7 +65,7 @@ class RepairReport:
         Family kind -> number of families with removed units that were left alone (no linear consumer); a key
         ``"consumer without bias: <type>"`` counts slices read by a layer that has no bias to fold into.
     num_images : int
-        Calibration images the means were measured on.
+        Calibration images the means were measured on (over all processes in a data-parallel run).
     bias_deltas : dict of str to torch.Tensor
         Consumer module name -> what was added to its bias (on the host), for :meth:`apply_to`.
     """
@@ -188,6 +189,8 @@ def repair_removed_units(model, units: UnitSet, masks, keep: Dict[str, torch.Ten
         One 0/1 tensor per family, 1 = keep, 0 = removed (:meth:`GradientFlowPruner.final_masks`).
     inputs : iterable of (x_t, timesteps)
         Calibration inputs on the model's device, run as ``model(x_t, timesteps)`` (:func:`inputs_from_losses`).
+        In a data-parallel run each process passes its own slice (every process must call this function): the
+        sums are all-reduced, so every process folds the same global means.
 
     Returns
     -------
@@ -241,6 +244,7 @@ def repair_removed_units(model, units: UnitSet, masks, keep: Dict[str, torch.Ten
             h.remove()
         model.train(was_training)
 
+    _gather_over_processes(report, removed, sums, counts)
     for name, index in removed.items():
         consumer = modules[name]
         mean = (sums[name] / counts[name])[index.to(sums[name].device)]
@@ -252,6 +256,27 @@ def repair_removed_units(model, units: UnitSet, masks, keep: Dict[str, torch.Ten
         report.channels[name] = int(index.numel())
         report.bias_deltas[name] = delta.detach().cpu()
     return report
+
+
+def _gather_over_processes(report: RepairReport, removed, sums, counts) -> None:
+    """Data-parallel runs: every process calibrated on its slice of the scoring batches; sum the slices' sums and
+    counts (one all-reduce), so that every process folds the same global means (no-op in a single process)."""
+    world = world_size()
+    if world == 1:
+        return
+    names = list(removed)  # the same order on every process (the units' order; the selection agrees across ranks)
+    sizes = [sums[name].numel() for name in names]
+    flat = torch.cat([sums[name] for name in names]
+                     + [torch.tensor([float(counts[name]) for name in names] + [float(report.num_images)],
+                                     dtype=torch.float64, device=sums[names[0]].device)])
+    all_reduce_mean([flat])
+    flat = flat * world  # sums, not means
+    for name, part in zip(names, flat[: sum(sizes)].split(sizes)):
+        sums[name] = part
+    totals = flat[sum(sizes):].tolist()
+    for name, total in zip(names, totals):
+        counts[name] = int(round(total))
+    report.num_images = int(round(totals[-1]))
 
 
 def inputs_from_losses(losses) -> List[Tuple[torch.Tensor, torch.Tensor]]:

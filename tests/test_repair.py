@@ -223,6 +223,80 @@ def test_bad_input_is_refused_before_any_forward_pass(case, match):
     assert not calls
 
 
+# ---------------------------------------------------------------------- data-parallel calibration
+DP_WORLD = 2
+DP_ARCH = "multi_head"
+
+
+def dp_setup():
+    """The model, units, masks, selection and four calibration batches, alike in every process."""
+    model = build(DP_ARCH)
+    units = find_units(model)
+    masks = UnitMasks(model, units).attach()
+    keep = {f.name: (torch.arange(f.num_units) % 2).float() for f in units}
+    return model, units, masks, keep, calibration(model, batches=4, batch=2)
+
+
+def dp_deltas(batches):
+    model, units, masks, keep, inputs = dp_setup()
+    report = repair_removed_units(model, units, masks, keep, [inputs[i] for i in batches])
+    return report
+
+
+def _dp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import traceback
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=120))
+        try:
+            report = dp_deltas(range(rank, 4, world))  # this process's slice of the calibration batches
+            deltas = dict(report.bias_deltas)
+            deltas["num_images"] = torch.tensor(report.num_images)
+            save_file(deltas, os.path.join(out_dir, f"rank{rank}.safetensors"))
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        with open(os.path.join(out_dir, f"rank{rank}.error"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+def test_data_parallel_processes_fold_the_global_means(tmp_path):
+    """Two gloo processes, each calibrating on half of the batches, fold what one process folds on all of them."""
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    context = mp.spawn(_dp_worker, args=(DP_WORLD, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=DP_WORLD,
+                       join=False)
+    try:
+        whole, half = dp_deltas(range(4)), dp_deltas(range(0, 4, DP_WORLD))
+        try:
+            while not context.join(timeout=1):
+                pass
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as error:
+            logs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("rank*.error")))
+            pytest.fail(f"a worker of the {DP_WORLD}-process run failed:\n{logs or error}", pytrace=False)
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.terminate()
+                process.join()
+    ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(DP_WORLD)]
+    assert all(int(r.pop("num_images")) == whole.num_images == 8 for r in ranks)
+    assert all(set(r) == set(whole.bias_deltas) for r in ranks) and whole.bias_deltas
+    for name, expected in whole.bias_deltas.items():
+        assert torch.equal(ranks[0][name], ranks[1][name]), name  # the processes agree bit for bit
+        assert torch.allclose(ranks[0][name], expected, rtol=1e-5, atol=1e-7), name
+    # One process's half alone folds something else: the comparison can fail.
+    assert any(not torch.allclose(half.bias_deltas[n], e, rtol=1e-3, atol=1e-5) for n, e in whole.bias_deltas.items())
+
+
 # ---------------------------------------------------------------------- through training/prune.py
 def test_one_shot_run_repairs_and_reports_the_damage(tiny_teacher, tmp_path):
     import json
