@@ -117,6 +117,18 @@ def report(result: dict, benchmarks: dict, command: str) -> str:
     return "\n".join(lines)
 
 
+def load_benchmarks(names, docs_dir: str) -> dict:
+    """name -> the JSON of a finished benchmark (``docs/benchmarks_<name>.json``)."""
+    benchmarks = {}
+    for name in names:
+        path = os.path.join(docs_dir, f"benchmarks_{name}.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} not found: run `python benchmarks/criteria.py --name {name} ...` first.")
+        with open(path, encoding="utf-8") as f:
+            benchmarks[name] = json.load(f)
+    return benchmarks
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--benchmarks", nargs="+", required=True,
@@ -124,13 +136,7 @@ def main(argv=None):
     parser.add_argument("--docs_dir", type=str, default=os.path.relpath(os.path.join(REPO_ROOT, "docs")),
                         help="Where the JSON files and benchmarks.md are.")
     args = parser.parse_args(argv)
-    benchmarks = {}
-    for name in args.benchmarks:
-        path = os.path.join(args.docs_dir, f"benchmarks_{name}.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found: run `python benchmarks/criteria.py --name {name} ...` first.")
-        with open(path, encoding="utf-8") as f:
-            benchmarks[name] = json.load(f)
+    benchmarks = load_benchmarks(args.benchmarks, args.docs_dir)
     result = apply_rule(benchmarks)
     command = "python benchmarks/criteria_rule.py " + " ".join(sys.argv[1:] if argv is None else argv)
     criteria = _criteria_script()

@@ -220,14 +220,9 @@ def main(argv=None):
     unknown = [n for n in args.deciding if n not in args.benchmarks]
     if unknown:
         raise ValueError(f"--deciding {unknown} are not among --benchmarks {args.benchmarks}.")
-    benchmarks = {}
-    for name in args.benchmarks:
-        path = os.path.join(args.docs_dir, f"benchmarks_{name}.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found: run `python benchmarks/criteria.py --name {name} ...` first.")
-        with open(path, encoding="utf-8") as f:
-            benchmarks[name] = json.load(f)
-    result = apply_rule(benchmarks, args.deciding)
+    from benchmarks.criteria_rule import load_benchmarks
+
+    result = apply_rule(load_benchmarks(args.benchmarks, args.docs_dir), args.deciding)
     command = "python benchmarks/flow_rule.py " + " ".join(sys.argv[1:] if argv is None else argv)
     criteria = _criteria_script()
     script = "benchmarks/flow_rule.py"
