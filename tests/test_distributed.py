@@ -18,17 +18,11 @@ tolerance is ``1e-9`` times the family's largest score. The two ranks must agree
 the all-reduce they hold the same gradients.
 """
 
-import os
 import time
-import traceback
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from diffusers import DDPMScheduler
-from safetensors.torch import load_file, save_file
 from scipy.stats import spearmanr
 
 from diffusers_gfprune.criteria import get_criterion
@@ -37,6 +31,7 @@ from diffusers_gfprune.objective import make_loss
 from diffusers_gfprune.pruner import GradientFlowPruner, PrunerConfig
 from diffusers_gfprune.units import find_units
 
+from . import gloo
 from .architectures import build
 
 WORLD_SIZE = 2
@@ -110,26 +105,6 @@ def compute(rank: int = 0, world: int = 1):
     return {k: v.detach().contiguous() for k, v in out.items()}
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group(
-            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=120)
-        )
-        try:
-            assert dist.get_world_size() == world and dist.get_rank() == rank
-            save_file(compute(rank, world), os.path.join(out_dir, f"rank{rank}.safetensors"))
-            dist.barrier()
-        finally:
-            dist.destroy_process_group()
-    except BaseException:
-        # torch's spawn reports only the first failure it sees, often the peer's "connection
-        # closed"; every worker leaves its own traceback for the parent.
-        with open(os.path.join(out_dir, f"rank{rank}.error"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
-
-
 # ---------------------------------------------------------------------- fixtures
 class _threads:
     def __init__(self, n):
@@ -148,12 +123,7 @@ def results(tmp_path_factory):
     """(rank 0, rank 1, single process on the whole batch, single process on half of it)."""
     directory = tmp_path_factory.mktemp("distributed")
     start = time.perf_counter()
-    context = mp.spawn(
-        _worker,
-        args=(WORLD_SIZE, str(directory / "rendezvous"), str(directory)),
-        nprocs=WORLD_SIZE,
-        join=False,
-    )
+    context = gloo.start(compute, WORLD_SIZE, directory)
     try:
         with _threads(1):  # the workers import meanwhile
             single = compute()
@@ -164,22 +134,9 @@ def results(tmp_path_factory):
                 case: get_criterion(name, **kwargs).score(model, units, [global_loss().split(WORLD_SIZE, 0)], masks=masks)
                 for case, (name, kwargs) in CRITERIA.items()
             }
-        # join() raises if a worker failed, after terminating the other one.
-        try:
-            while not context.join(timeout=1):
-                if time.perf_counter() - start > TIMEOUT_S:
-                    pytest.fail(f"the {WORLD_SIZE}-process run did not finish within {TIMEOUT_S} s")
-        except (mp.ProcessRaisedException, mp.ProcessExitedException) as error:
-            logs = sorted(directory.glob("rank*.error"), key=lambda p: p.stat().st_mtime)
-            details = "\n".join(f"--- {p.stem}, in order of failure ---\n{p.read_text()}" for p in logs)
-            pytest.fail(f"a worker of the {WORLD_SIZE}-process run failed:\n{details or error}", pytrace=False)
     finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
-                process.join()
+        ranks = gloo.finish(context, WORLD_SIZE, directory, TIMEOUT_S)
     print(f"\n{WORLD_SIZE}-process run + single-process reference: {time.perf_counter() - start:.1f} s")
-    ranks = [load_file(str(directory / f"rank{r}.safetensors")) for r in range(WORLD_SIZE)]
     return ranks, single, half
 
 

@@ -2,18 +2,12 @@
 gradients reach every unit family, the state resumes bit for bit, and two processes keep the same masks."""
 
 import copy
-import os
-import time
-import traceback
 import weakref
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from diffusers import DDPMScheduler
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from diffusers_gfprune.export import export_model, prepare_stock, stock_keep_ratio
 from diffusers_gfprune.learned_masks import (
@@ -27,6 +21,7 @@ from diffusers_gfprune.masks import UnitMasks
 from diffusers_gfprune.objective import make_loss
 from diffusers_gfprune.units import find_units
 
+from . import gloo
 from .architectures import build, random_inputs
 
 ARCH = "tiny_1ch_16px"
@@ -482,40 +477,14 @@ def _run_ranks(rank: int, world: int, reduce: bool):
     return out
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=120))
-        try:
-            results = {f"reduced/{k}": v for k, v in _run_ranks(rank, world, True).items()}
-            results.update({f"local/{k}": v for k, v in _run_ranks(rank, world, False).items()})
-            save_file(results, os.path.join(out_dir, f"rank{rank}.safetensors"))
-            dist.barrier()
-        finally:
-            dist.destroy_process_group()
-    except BaseException:
-        with open(os.path.join(out_dir, f"rank{rank}.error"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
+def _both_ways(rank: int, world: int) -> dict:
+    results = {f"reduced/{k}": v for k, v in _run_ranks(rank, world, True).items()}
+    results.update({f"local/{k}": v for k, v in _run_ranks(rank, world, False).items()})
+    return results
 
 
 def test_two_processes_keep_identical_masks(tmp_path):
-    start = time.perf_counter()
-    context = mp.spawn(_worker, args=(WORLD, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=WORLD, join=False)
-    try:
-        while not context.join(timeout=1):
-            if time.perf_counter() - start > 240:
-                pytest.fail("the 2-process run did not finish within 240 s")
-    except (mp.ProcessRaisedException, mp.ProcessExitedException) as error:
-        logs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("rank*.error")))
-        pytest.fail(f"a worker failed:\n{logs or error}", pytrace=False)
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
-                process.join()
-    ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(WORLD)]
+    ranks = gloo.finish(gloo.start(_both_ways, WORLD, tmp_path), WORLD, tmp_path)
     for step in range(DIST_STEPS):
         for what in ("logits", "values"):
             key = f"reduced/{what}/{step}"

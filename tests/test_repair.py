@@ -12,6 +12,7 @@ from diffusers_gfprune.masks import UnitMasks
 from diffusers_gfprune.repair import REPAIRABLE_KINDS, inputs_from_losses, repair_removed_units
 from diffusers_gfprune.units import find_units
 
+from . import gloo
 from .architectures import build, random_inputs
 from .conftest import REPO_ROOT
 
@@ -243,51 +244,18 @@ def dp_deltas(batches):
     return report
 
 
-def _dp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    import traceback
-    from datetime import timedelta
-
-    import torch.distributed as dist
-    from safetensors.torch import save_file
-
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=120))
-        try:
-            report = dp_deltas(range(rank, 4, world))  # this process's slice of the calibration batches
-            deltas = dict(report.bias_deltas)
-            deltas["num_images"] = torch.tensor(report.num_images)
-            save_file(deltas, os.path.join(out_dir, f"rank{rank}.safetensors"))
-        finally:
-            dist.destroy_process_group()
-    except BaseException:
-        with open(os.path.join(out_dir, f"rank{rank}.error"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
+def _dp_rank(rank: int, world: int) -> dict:
+    report = dp_deltas(range(rank, 4, world))  # this process's slice of the calibration batches
+    return {**report.bias_deltas, "num_images": torch.tensor(report.num_images)}
 
 
 def test_data_parallel_processes_fold_the_global_means(tmp_path):
     """Two gloo processes, each calibrating on half of the batches, fold what one process folds on all of them."""
-    import torch.multiprocessing as mp
-    from safetensors.torch import load_file
-
-    context = mp.spawn(_dp_worker, args=(DP_WORLD, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=DP_WORLD,
-                       join=False)
+    context = gloo.start(_dp_rank, DP_WORLD, tmp_path)
     try:
         whole, half = dp_deltas(range(4)), dp_deltas(range(0, 4, DP_WORLD))
-        try:
-            while not context.join(timeout=1):
-                pass
-        except (mp.ProcessRaisedException, mp.ProcessExitedException) as error:
-            logs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("rank*.error")))
-            pytest.fail(f"a worker of the {DP_WORLD}-process run failed:\n{logs or error}", pytrace=False)
     finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
-                process.join()
-    ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(DP_WORLD)]
+        ranks = gloo.finish(context, DP_WORLD, tmp_path)
     assert all(int(r.pop("num_images")) == whole.num_images == 8 for r in ranks)
     assert all(set(r) == set(whole.bias_deltas) for r in ranks) and whole.bias_deltas
     for name, expected in whole.bias_deltas.items():
