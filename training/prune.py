@@ -555,10 +555,12 @@ def main(argv=None):
                         objective, parts = distiller(ddpm, student, global_step, feature_map)
                         loss = parts["ddpm"]  # logged as "loss": the DDPM loss, comparable with runs without distillation
                     accelerator.backward(objective if energy is None else objective + energy)
-                    scale = accelerator.scaler.get_scale() if accelerator.scaler is not None else None  # fp16 gradients are scaled
-                    if state["stage"] == "pruning" and accelerator.sync_gradients and pruner.wants_mask_gradients:
-                        pruner.observe_training_step(grad_scale=scale)  # mask_flow learns from the training steps themselves
-                    if state["stage"] == "pruning" and accelerator.sync_gradients:
+                    if (state["stage"] == "pruning" and accelerator.sync_gradients
+                            and (pruner.wants_mask_gradients or pruner.learning_masks)):
+                        # fp16 gradients are scaled; reading the scale waits for the device, so only when needed
+                        scale = accelerator.scaler.get_scale() if accelerator.scaler is not None else None
+                        if pruner.wants_mask_gradients:
+                            pruner.observe_training_step(grad_scale=scale)  # mask_flow learns from the training steps
                         pruner.update_masks(grad_scale=scale)  # --process flow: the masks descend the same loss
                     if accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(student.parameters(), args.max_grad_norm)
